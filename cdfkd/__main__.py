@@ -1,0 +1,5 @@
+"""``python -m cdfkd`` runs the command line."""
+
+from cdfkd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""``cdfkd distill`` and ``cdfkd aggregate``: one distillation run, and header aggregation afterwards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cdfkd.cli import _pct, _Subparsers, command
+
+
+@command
+def _distill(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil a teacher ensemble into a student with one method (a YAML config)",
+        description="Validate the config, then train generator and student; writes OUT/result.json, "
+        "samples.png, checkpoint.pt and student.pt.",
+    )
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set method.alpha=0.5 (repeatable)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--few-shot", type=int, default=None, metavar="M",
+                   help="train the header aggregation on M real labelled samples per class at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cdfkd.config import load_config
+    from cdfkd.tracking import JsonlLogger
+    from cdfkd.train import run
+
+    overrides = list(args.overrides)
+    if args.few_shot is not None:
+        overrides.append(f"aggregation.few_shot={args.few_shot}")
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    bar = tqdm(total=cfg.train.steps, desc=f"{cfg.method.name}", unit="step", file=sys.stderr,
+               disable=args.no_progress, dynamic_ncols=True)
+    shown: dict = {}
+
+    def on_progress(step: int, total: int, losses: dict) -> None:
+        if bar.n == 0 and step > 1:
+            bar.update(step - 1)  # resumed: start the bar where the run is
+        bar.update(1)
+        if step % 10 == 0 or step == total:
+            shown.update({k.removeprefix("loss/"): f"{v:.3g}" for k, v in losses.items()})
+            bar.set_postfix(shown, refresh=False)
+
+    def on_eval(step: int, metrics: dict, _out: Path) -> None:
+        shown["acc"] = _pct(metrics.get("student_accuracy"))
+        shown["rel"] = _pct(metrics.get("relative_accuracy"))
+
+    try:
+        result = run(cfg, out, logger=JsonlLogger(out), resume=args.resume,
+                     on_progress=on_progress, on_eval=on_eval)
+    finally:
+        bar.close()
+    ref = result["reference"]
+    print(f"{result['method']} on {result['dataset']}: student accuracy {_pct(result['student_accuracy'])} %, "
+          f"relative accuracy {_pct(result['relative_accuracy'])} % of {ref['kind']} ({_pct(ref['accuracy'])} %)")
+    if len(result["header_accuracies"]) > 1:
+        print("headers: " + ", ".join(f"{_pct(a)} %" for a in result["header_accuracies"]))
+    if "aggregation" in result:
+        _print_aggregation(result["aggregation"])
+    print(f"proxy {result['proxy']:.4f}; {result['student_params']} params, {result['student_macs']} MACs; "
+          f"{result['steps']} steps in {result['wall_seconds']:.0f} s; wrote {out}/result.json")
+    return 0
+
+
+@command
+def _aggregate(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "aggregate",
+        help="learn the attention aggregation of a finished run's headers from M real samples per class",
+        description="Train CDFKD-MFS's attention-based aggregation on M labelled samples per class "
+        "(checkpoint chosen on a held-out part of them, never the test set) and compare it with "
+        "plain averaging on the test set; updates RUN_DIR/result.json.",
+    )
+    p.add_argument("run_dir", help="a finished `cdfkd distill` run folder")
+    p.add_argument("--few-shot", type=int, required=True, metavar="M", help="labelled samples per class (1-100)")
+    p.add_argument("--data-root", default=None, help="dataset root (default: the run's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the run's)")
+    p.set_defaults(func=_run_aggregate)
+
+
+def _run_aggregate(args: argparse.Namespace) -> int:
+    from cdfkd.aggregation import aggregate_run
+    from cdfkd.config import ConfigError
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "result.json").is_file():
+        raise ConfigError(f"{run_dir} holds no finished run (no result.json): run `cdfkd distill` first")
+    agg = aggregate_run(run_dir, args.few_shot, device=args.device, data_root=args.data_root)
+    _print_aggregation(agg)
+    print(f"updated {run_dir}/result.json")
+    return 0
+
+
+def _print_aggregation(agg: dict) -> None:
+    print(f"aggregation with {agg['few_shot']} samples/class (selection: {agg['selection']}): "
+          f"averaging {_pct(agg['averaging_accuracy'])} % -> attention {_pct(agg['aggregated_accuracy'])} %")

@@ -1,0 +1,215 @@
+"""The experiment config: YAML -> dotted overrides -> one typed, validated object.
+
+Every component config forbids unknown keys, so a typo is an error that names
+the key and the known ones. Method-specific fields live in each method's own
+``Config`` class (``cdfkd/methods/<name>.py``); the experiment config picks the
+right class from ``method.name``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names each problem and its fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    name: str = Field("digits", description="dataset registry name (cdfkd.data.list_datasets())")
+    root: str = Field("data", description="dataset root folder")
+    image_size: int | None = Field(None, ge=8, le=512, description="None: the dataset's default")
+    download: bool = True
+    split_seed: int = Field(0, description="seed of datasets without a fixed split (digits, caltech101)")
+
+
+class TeacherConfig(_Strict):
+    path: str = Field(..., description="ensemble directory written by `cdfkd teachers train`")
+    mode: Literal["auto", "loop", "vmap"] = "auto"
+
+
+class StudentConfig(_Strict):
+    arch: str = Field("lenet5_half", description="backbone (cdfkd.models.list_models())")
+    family: Literal["mfs", "branch"] | None = Field(None, description="None: single-header student")
+    headers: int = Field(1, ge=1, le=64)
+    fuse_from: int | None = Field(None, description="mfs: first trunk stage the headers read")
+    share_until: int | None = Field(None, description="branch: stages [0, share_until) are shared")
+    header_width: float = Field(1.0, gt=0.0, le=4.0)
+
+    @model_validator(mode="after")
+    def _family_fields(self) -> StudentConfig:
+        if self.family is None and self.headers != 1:
+            raise ValueError("headers > 1 needs a multi-header family: set student.family to mfs or branch")
+        if self.family != "mfs" and self.fuse_from is not None:
+            raise ValueError("student.fuse_from only applies to family 'mfs'")
+        if self.family != "branch" and self.share_until is not None:
+            raise ValueError("student.share_until only applies to family 'branch'")
+        return self
+
+
+class GeneratorConfig(_Strict):
+    nz: int = Field(100, ge=1, le=4096)
+    width: int = Field(64, ge=4, le=1024)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    betas: tuple[float, float] = (0.5, 0.999)
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=0.1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(1000, ge=1, description="generator/student rounds")
+    batch_size: int = Field(128, ge=2, le=4096)
+    eval_every: int = Field(200, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: leave as is")
+    max_eval_samples: int | None = Field(None, ge=1, description="cap on test samples per eval")
+
+
+class ReferenceConfig(_Strict):
+    kind: Literal["ensemble", "best_teacher", "kd_real"] = "ensemble"
+    result: str | None = Field(None, description="kd_real: path to the KD-with-real-data result.json")
+    name: str | None = Field(None, description="kd_real: a label for the reference in reports")
+
+    @model_validator(mode="after")
+    def _kd_real_needs_result(self) -> ReferenceConfig:
+        if self.kind == "kd_real" and not self.result:
+            raise ValueError("reference.kind=kd_real needs reference.result: the result.json of a kd_real run")
+        return self
+
+
+class AggregationConfig(_Strict):
+    few_shot: int = Field(0, ge=0, le=100, description="M real labelled samples per class; 0: off")
+    epochs: int = Field(100, ge=1)
+    lr: float = Field(1e-2, gt=0.0)
+    seed: int = 0
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = Field(True, description="log to MLflow (records are buffered and replayed when it is down)")
+    uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI or ./mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment; None: cdfkd-distill (sweeps: the sweep name)")
+    run_name: str | None = None
+    log_model: bool = Field(True, description="log the student with mlflow.pytorch.log_model")
+
+
+class MethodConfig(_Strict):
+    """Fields every method has; each method subclasses this with its own weights."""
+
+    name: str
+    student_steps: int = Field(1, ge=1, le=100, description="student updates per generator update")
+
+
+class ExperimentConfig(_Strict):
+    method: SerializeAsAny[MethodConfig]
+    data: DataConfig = DataConfig()
+    teachers: TeacherConfig
+    student: StudentConfig = StudentConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_method(cls, data: Any) -> Any:
+        # Pick the method's own config class so its fields are validated (and
+        # unknown ones refused) here, at the edge, not when the method runs.
+        if isinstance(data, dict) and isinstance(data.get("method"), dict):
+            from cdfkd.methods import method_config_class
+
+            data = dict(data)
+            data["method"] = method_config_class(data["method"].get("name", ""))(**data["method"])
+        return data
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def apply_values(raw: dict, values: dict[str, Any]) -> dict:
+    """Set dotted keys (``{"method.alpha": 0.5}``) in a copy of a raw config dict.
+
+    Changing ``method.name`` drops the previous method's own fields, since they
+    would be unknown keys for the new method.
+    """
+    out = copy.deepcopy(raw)
+    new_method = values.get("method.name")
+    if new_method is not None and (out.get("method") or {}).get("name") != new_method:
+        out["method"] = {"name": new_method}
+    for key, value in values.items():
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings to a raw config dict (values parsed as YAML scalars)."""
+    values = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (example: --set method.alpha=0.5)")
+        key, value = item.split("=", 1)
+        values[key.strip()] = yaml.safe_load(value)
+    return apply_values(raw, values)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/ for examples)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config") -> ExperimentConfig:
+    """Validate a raw dict (plus overrides) into an ExperimentConfig or raise ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source} is invalid:\n{_format_errors(err)}") from None
+    except (KeyError, ValueError) as err:
+        text = err.args[0] if err.args else str(err)
+        raise ConfigError(f"{source} is invalid: {text}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML file (``yaml.safe_load``: nothing in a config executes code) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return build_config(raw, overrides, source=str(path))

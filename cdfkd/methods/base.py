@@ -1,0 +1,284 @@
+"""The interface every distillation method implements, and the parts they share.
+
+A method owns a student (single- or multi-header), usually a generator, their
+optimisers and its random streams. The loop (cdfkd/train.py) knows only:
+
+    method = create_method(cfg, teachers, info, device, train_data)
+    losses = method.step()          # one generator/student round -> {name: 0-d tensor}
+    metrics = method.evaluate(loader)
+    sd = method.state_dict(); method.load_state_dict(sd)   # exact resume
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from cdfkd.config import ExperimentConfig, MethodConfig, OptimConfig
+from cdfkd.registry import Registry
+
+METHODS: Registry = Registry("method")
+
+# Offset of the random stream that draws proxy batches: far from any training
+# seed, so the proxy is scored on images the student never trained on.
+PROXY_SEED_OFFSET = 1_000_003
+
+
+def register_method(name: str):
+    def decorator(cls: type[DistillMethod]) -> type[DistillMethod]:
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return decorator
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    if not name:
+        raise KeyError(f"method.name is missing; choose one of: {', '.join(list_methods())}")
+    return METHODS.get(name).Config
+
+
+def create_method(cfg: ExperimentConfig, teachers, info, device: torch.device, train_data=None):
+    return METHODS.get(cfg.method.name)(cfg, teachers, info, device, train_data=train_data)
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_schedule(opt: torch.optim.Optimizer, kind: str, total_steps: int):
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def teacher_targets(teacher_logits: torch.Tensor, num_headers: int) -> torch.Tensor:
+    """Per-header targets from (N, B, C) teacher logits.
+
+    H == N: header i learns from teacher i (CDFKD); H == 1: the single header
+    learns from the ensemble mean. Returns (H, B, C).
+    """
+    n = teacher_logits.shape[0]
+    if num_headers == n:
+        return teacher_logits
+    if num_headers == 1:
+        return teacher_logits.mean(0, keepdim=True)
+    raise ValueError(f"a student with {num_headers} headers needs 1 or {n} (= number of teachers) headers")
+
+
+class DistillMethod(abc.ABC):
+    """Base class: builds student, generator and optimisers from the typed config."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: the generator this method trains: None, "dcgan" (unconditional) or "conditional".
+    generator_kind: ClassVar[str | None] = "dcgan"
+    #: kd_real trains on the real training set.
+    needs_real_data: ClassVar[bool] = False
+
+    def __init__(self, cfg: ExperimentConfig, teachers, info, device: torch.device, train_data=None):
+        from cdfkd.generators import create_generator
+        from cdfkd.models import create_student
+
+        self.cfg = cfg
+        self.mcfg = cfg.method
+        self.info = info
+        self.device = device
+        self.teachers = teachers.to(device)
+        self.train_data = train_data
+        if self.needs_real_data and train_data is None:
+            raise ValueError(f"method {self.name} trains on real data: pass train_data")
+        self.rng = torch.Generator().manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+        s = cfg.student
+        self.student = create_student(
+            s.arch,
+            num_classes=info.num_classes,
+            in_channels=info.channels,
+            image_size=info.image_size,
+            family=s.family,
+            headers=s.headers,
+            fuse_from=s.fuse_from,
+            share_until=s.share_until,
+            header_width=s.header_width,
+        ).to(device)
+        self.num_headers = s.headers
+        teacher_targets(torch.zeros(teachers.num_teachers, 1, 1), self.num_headers)  # validates H
+        # Training-only trainable parts (e.g. feature projections) live here so
+        # the exported student stays the pure classifier.
+        self.extra = nn.ModuleDict(self.build_extra()).to(device)
+        params = list(self.student.parameters()) + list(self.extra.parameters())
+        self.opt_s = build_optimizer(params, cfg.optim)
+        self.sched_s = build_schedule(self.opt_s, cfg.optim.schedule, cfg.train.steps)
+        self.generator = None
+        self.opt_g = None
+        self.sched_g = None
+        if self.generator_kind is not None:
+            g = cfg.generator
+            self.generator = create_generator(
+                self.generator_kind, info, nz=g.nz, width=g.width
+            ).to(device)
+            self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=g.lr, betas=g.betas)
+            self.sched_g = build_schedule(self.opt_g, cfg.optim.schedule, cfg.train.steps)
+        self.step_count = 0
+
+    # -- hooks for subclasses -------------------------------------------------
+    def build_extra(self) -> dict[str, nn.Module]:
+        return {}
+
+    @abc.abstractmethod
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One generator/student round; returns named 0-d loss tensors (detached)."""
+
+    # -- the interface the loop uses -------------------------------------------
+    def step(self) -> dict[str, torch.Tensor]:
+        self.student.train()
+        if self.generator is not None:
+            self.generator.train()
+        losses = self.train_step()
+        self.sched_s.step()
+        if self.sched_g is not None:
+            self.sched_g.step()
+        self.step_count += 1
+        return losses
+
+    def sample_latent(self, batch_size: int, rng: torch.Generator | None = None):
+        """Draw z (and class labels y for conditional generators) from the method's own stream."""
+        rng = rng or self.rng
+        z = torch.randn(batch_size, self.cfg.generator.nz, generator=rng).to(self.device)
+        y = None
+        if self.generator_kind == "conditional":
+            y = torch.randint(0, self.info.num_classes, (batch_size,), generator=rng).to(self.device)
+        return z, y
+
+    def generate(self, batch_size: int, rng: torch.Generator | None = None):
+        """Generated images (with grad to the generator) and their preset labels (or None)."""
+        z, y = self.sample_latent(batch_size, rng)
+        x = self.generator(z, y) if y is not None else self.generator(z)
+        return x, y
+
+    def student_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Student logits as (H, B, C), also for single-header students."""
+        out = self.student(x)
+        return out if out.dim() == 3 else out.unsqueeze(0)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Ensemble-of-headers logits (B, C) in eval mode: the mean over headers.
+
+        Eval mode, because a prediction must neither use batch statistics nor
+        move the student's BatchNorm running statistics.
+        """
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            return self.student_logits(x).mean(0)
+        finally:
+            self.student.train(was_training)
+
+    @torch.no_grad()
+    def evaluate(self, loader, max_samples: int | None = None) -> dict:
+        """Accuracy of the mean of headers and of each header on ``loader``."""
+        from cdfkd.metrics import evaluate_headers
+
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            return evaluate_headers(self.student_logits, loader, self.device, max_samples)
+        finally:
+            self.student.train(was_training)
+
+    @torch.no_grad()
+    def proxy_batches(self, num_batches: int, batch_size: int):
+        """Unlabelled batches for the data-free proxy: generated from a held-out seed."""
+        rng = torch.Generator().manual_seed(self.cfg.train.seed + PROXY_SEED_OFFSET)
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            for _ in range(num_batches):
+                yield self.generate(batch_size, rng)
+        finally:
+            self.generator.train(was_training)
+
+    @torch.no_grad()
+    def sample_images(self, per_class: int = 8) -> tuple[torch.Tensor, int]:
+        """Images for the sample grid: (rows * cols, C, H, W) and the number of columns.
+
+        Conditional generators give one row per class; others one block of 8 x 8.
+        """
+        if self.generator is None:
+            return torch.empty(0), 1
+        rng = torch.Generator().manual_seed(self.cfg.train.seed + 7)
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            if self.generator_kind == "conditional":
+                c = self.info.num_classes
+                y = torch.arange(c).repeat_interleave(per_class).to(self.device)
+                z = torch.randn(len(y), self.cfg.generator.nz, generator=rng).to(self.device)
+                return self.generator(z, y), per_class
+            z = torch.randn(64, self.cfg.generator.nz, generator=rng).to(self.device)
+            return self.generator(z), 8
+        finally:
+            self.generator.train(was_training)
+
+    # -- exact resume ---------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = {
+            "method": self.name,
+            "step": self.step_count,
+            "student": self.student.state_dict(),
+            "extra": self.extra.state_dict(),
+            "opt_s": self.opt_s.state_dict(),
+            "sched_s": self.sched_s.state_dict(),
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.generator is not None:
+            sd["generator"] = self.generator.state_dict()
+            sd["opt_g"] = self.opt_g.state_dict()
+            sd["sched_g"] = self.sched_g.state_dict()
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("method") != self.name:
+            raise ValueError(
+                f"checkpoint was written by method {sd.get('method')!r}, not {self.name!r}: "
+                "resume with the config that wrote it, or start a fresh --out folder"
+            )
+        self.student.load_state_dict(sd["student"])
+        self.extra.load_state_dict(sd["extra"])
+        self.opt_s.load_state_dict(sd["opt_s"])
+        self.sched_s.load_state_dict(sd["sched_s"])
+        if self.generator is not None:
+            self.generator.load_state_dict(sd["generator"])
+            self.opt_g.load_state_dict(sd["opt_g"])
+            self.sched_g.load_state_dict(sd["sched_g"])
+        self.rng.set_state(sd["rng"])
+        torch.set_rng_state(sd["torch_rng"])
+        self.step_count = int(sd["step"])
+
+
+def zero_grad(*optimizers: torch.optim.Optimizer | None) -> None:
+    for opt in optimizers:
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+
+
+def detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def finite_or_raise(name: str, value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss {name!r} is {value} at step {step}")

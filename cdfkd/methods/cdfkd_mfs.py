@@ -1,0 +1,169 @@
+"""CDFKD-MFS: Hao et al., "CDFKD-MFS: Collaborative Data-Free Knowledge Distillation via
+Multi-Level Feature Sharing", IEEE Transactions on Multimedia, 2022.
+
+N frozen teachers are distilled into one multi-header student (header i learns from
+teacher i; family ``mfs`` or ``branch``; H = N, or H = 1 learning from the ensemble
+mean). A generator G plays an *asymmetric* adversarial game against the student.
+With s_i the logits of header i, t_i those of teacher i, f the pooled embeddings
+(``FeatureOutput.embedding``) and L1 = mean |.| (``l1_logits``):
+
+    L_S = w_s        * mean_i L1(s_i, t_i)
+        + lambda_feat * mean_i mean_b || P_i(f_s,i) - f_t,i ||_1      (feature_l1)
+        + lambda_ens  * L1(mean_i s_i, mean_i t_i)
+    L_G = -w_adv * mean_i L1(s_i, t_i)
+        + lambda_bn * mean_i sum_l r_l BN_l(teacher i)              (bn_statistics)
+
+P_i is a learned ``Linear`` when header i's and teacher i's embedding sizes differ
+(identity when equal; the reference drops the feature term instead). With H = 1 the
+header's targets are the ensemble mean and its feature term averages over all
+teachers, one projection each. r = [bn_first_rescale, 1, 1, ...]: the first BN of
+every teacher counts x5. The teacher logits in L_G are *not* detached (gradients
+reach G through both the student and the teacher paths, as in the reference), and
+one backward reaches only G's parameters.
+
+Asymmetry, as in the reference code: the student minimises L1 + ensemble + feature
+terms, G maximises only the per-header L1 and adds the BN prior, and a round is
+``student_steps`` (default 5) student updates followed by one G update. Defaults
+are the reference's (w_s 1, lambda_feat 0.2, lambda_ens 5, w_adv 1, lambda_bn 0.1,
+first-BN x5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from cdfkd.bn_hooks import BNStatsRecorder
+from cdfkd.config import MethodConfig
+from cdfkd.losses import bn_statistics, feature_l1, first_layer_rescale, l1_logits
+from cdfkd.methods.base import DistillMethod, register_method, teacher_targets, zero_grad
+
+
+class CDFKDMFSConfig(MethodConfig):
+    name: Literal["cdfkd_mfs"] = "cdfkd_mfs"
+    student_steps: int = Field(5, ge=1, le=100, description="student updates per G update")
+    w_s: float = Field(1.0, ge=0.0, le=100.0, description="per-header L1 weight (student)")
+    lambda_feat: float = Field(0.2, ge=0.0, le=100.0, description="feature L1 weight (student)")
+    lambda_ens: float = Field(5.0, ge=0.0, le=100.0, description="ensemble L1 weight (student)")
+    w_adv: float = Field(1.0, ge=0.0, le=100.0, description="adversarial L1 weight (generator)")
+    lambda_bn: float = Field(0.1, ge=0.0, le=100.0, description="BN-prior weight (generator)")
+    bn_first_rescale: float = Field(
+        5.0, ge=0.0, le=100.0, description="weight of a teacher's first BN"
+    )
+
+
+def _headers(student: nn.Module) -> list[nn.Module]:
+    """The modules owning each header's ``feature_dim`` (a plain model is its own header)."""
+    return list(getattr(student, "heads", [student]))
+
+
+@register_method("cdfkd_mfs")
+class CDFKDMFS(DistillMethod):
+    Config = CDFKDMFSConfig
+    generator_kind = "dcgan"
+
+    # -- structure -------------------------------------------------------------
+    def feature_pairs(self) -> list[tuple[int, int]]:
+        """(header, teacher) pairs of the feature term: (i, i) for H = N, (0, j) for H = 1."""
+        n = self.teachers.num_teachers
+        if self.num_headers == n:
+            return [(i, i) for i in range(n)]
+        return [(0, j) for j in range(n)]
+
+    def build_extra(self) -> dict[str, nn.Module]:
+        # Teacher embedding sizes from one no-grad probe (teachers are frozen and in
+        # eval mode, so it changes no state); header sizes from the student modules.
+        info = self.info
+        probe = torch.zeros(2, info.channels, info.image_size, info.image_size, device=self.device)
+        with torch.no_grad():
+            t_dims = [f.shape[-1] for f in self.teachers(probe, return_features=True).embedding]
+        s_dims = [h.feature_dim for h in _headers(self.student)]
+        extra = {}
+        for h, t in self.feature_pairs():
+            if s_dims[h] != t_dims[t]:
+                extra[f"proj_{h}_{t}"] = nn.Linear(s_dims[h], t_dims[t])
+        return extra
+
+    def _project(self, h: int, t: int, f: torch.Tensor) -> torch.Tensor:
+        key = f"proj_{h}_{t}"
+        return self.extra[key](f) if key in self.extra else f
+
+    def _student_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (H, B, C) and one (B, D_h) embedding per header."""
+        out = self.student(x, return_features=True)
+        if out.logits.dim() == 2:  # a plain single-header model
+            return out.logits.unsqueeze(0), [out.embedding]
+        return out.logits, list(out.embedding)
+
+    # -- one round -------------------------------------------------------------
+    def student_step(self) -> dict[str, torch.Tensor]:
+        m = self.mcfg
+        with torch.no_grad():
+            x, _ = self.generate(self.cfg.train.batch_size)
+            t_out = self.teachers(x, return_features=True)
+        zero_grad(self.opt_s)
+        s_logits, s_emb = self._student_forward(x)
+        t_logits = t_out.logits
+        loss_l1 = l1_logits(s_logits, teacher_targets(t_logits, self.num_headers))
+        loss_ens = l1_logits(s_logits.mean(0), t_logits.mean(0))
+        loss = m.w_s * loss_l1 + m.lambda_ens * loss_ens
+        losses = {"student_l1": loss_l1, "student_ens": loss_ens}
+        if m.lambda_feat > 0:
+            loss_feat = torch.stack(
+                [
+                    feature_l1(self._project(h, t, s_emb[h]), t_out.embedding[t])
+                    for h, t in self.feature_pairs()
+                ]
+            ).mean()
+            loss = loss + m.lambda_feat * loss_feat
+            losses["student_feat"] = loss_feat
+        loss.backward()
+        self.opt_s.step()
+        losses["student"] = loss
+        return {k: v.detach() for k, v in losses.items()}
+
+    def _bn_prior(self, rec: BNStatsRecorder, counts: list[int]) -> torch.Tensor:
+        """Mean over teachers of each teacher's rescaled BN-statistics loss."""
+        means, variances, r_means, r_vars = rec.statistics()
+        terms, start = [], 0
+        for n in counts:
+            sl = slice(start, start + n)
+            rescale = first_layer_rescale(n, self.mcfg.bn_first_rescale)
+            terms.append(bn_statistics(means[sl], variances[sl], r_means[sl], r_vars[sl], rescale))
+            start += n
+        return torch.stack(terms).mean()
+
+    def generator_step(self) -> dict[str, torch.Tensor]:
+        m = self.mcfg
+        zero_grad(self.opt_g)
+        per_teacher = [[bn for _, bn in layers] for layers in self.teachers.bn_layers()]
+        use_bn = m.lambda_bn > 0
+        # Hooks live only for this forward (and only when the prior is on), so the
+        # student steps' teacher passes compute no statistics and stay hook-free.
+        layers = [bn for teacher in per_teacher for bn in teacher]
+        with BNStatsRecorder(layers) if use_bn else contextlib.nullcontext() as rec:
+            x, _ = self.generate(self.cfg.train.batch_size)
+            t_logits = self.teachers(x)  # not detached: G also learns through the teachers
+            adv = l1_logits(self.student_logits(x), teacher_targets(t_logits, self.num_headers))
+            loss = -m.w_adv * adv
+            losses = {"adversarial": adv}
+            if use_bn:
+                bn = self._bn_prior(rec, [len(teacher) for teacher in per_teacher])
+                loss = loss + m.lambda_bn * bn
+                losses["bn"] = bn
+            # One backward, into G's parameters only (teachers are frozen; student
+            # weight gradients would be thrown away).
+            loss.backward(inputs=list(self.generator.parameters()))
+        self.opt_g.step()
+        losses["generator"] = loss
+        return {k: v.detach() for k, v in losses.items()}
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        steps = [self.student_step() for _ in range(self.mcfg.student_steps)]
+        losses = {k: torch.stack([s[k] for s in steps]).mean() for k in steps[0]}
+        losses.update(self.generator_step())
+        return losses

@@ -1,0 +1,70 @@
+"""DFAD: Fang et al., "Data-Free Adversarial Distillation", arXiv:1912.11006, 2019.
+
+A min-max game on generated images ``x = G(z)``: the student imitates the
+(frozen) teachers, the generator seeks the images where they disagree most.
+With ``s`` the student's logits and ``t`` the teachers' (per header:
+``teacher_targets``, the ensemble mean for a single-header student):
+
+    L_S =  L1(s, t) = mean |s - t|      on detached x,    ``student_steps`` (5) updates
+    L_G = -L1(s, t)                     gradient through student *and* teachers into G
+
+Each round follows the paper's Algorithm 1: the imitation stage (5 student
+updates, each on a fresh batch) then the generation stage (1 G update).
+
+The adversarial term really is computed against the student: FDF's DFAD
+passes ``student=teacher`` to its synthesiser, so there ``L_G`` is identically
+0 and G never learns (FDF issue #11). The student sits in train mode during the
+G step, as in the reference code (its BN uses, and tracks, the batch
+statistics); only G's parameters receive gradients there.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from cdfkd.config import MethodConfig
+from cdfkd.losses import l1_logits
+from cdfkd.methods.base import DistillMethod, register_method, teacher_targets, zero_grad
+
+
+class DFADConfig(MethodConfig):
+    name: Literal["dfad"] = "dfad"
+    student_steps: int = Field(5, ge=1, le=100, description="student updates per G update (DFAD 5)")
+    w_adv: float = Field(1.0, gt=0.0, le=100.0, description="weight of the generator's -L1 term")
+
+
+@register_method("dfad")
+class DFAD(DistillMethod):
+    Config = DFADConfig
+    generator_kind = "dcgan"
+
+    def student_step(self) -> torch.Tensor:
+        """One student update on a fresh detached batch; returns L1(s, t) (detached)."""
+        with torch.no_grad():
+            x, _ = self.generate(self.cfg.train.batch_size)
+            t = teacher_targets(self.teachers(x), self.num_headers)
+        zero_grad(self.opt_s)
+        loss = l1_logits(self.student_logits(x), t)
+        loss.backward()
+        self.opt_s.step()
+        return loss.detach()
+
+    def generator_step(self) -> dict[str, torch.Tensor]:
+        """One G update maximising the student-teacher L1; returns
+        ``{"generator": -w_adv * L1, "discrepancy": L1}`` (detached)."""
+        zero_grad(self.opt_g)
+        x, _ = self.generate(self.cfg.train.batch_size)
+        discrepancy = l1_logits(
+            self.student_logits(x), teacher_targets(self.teachers(x), self.num_headers)
+        )
+        loss_g = -self.mcfg.w_adv * discrepancy
+        loss_g.backward(inputs=list(self.generator.parameters()))
+        self.opt_g.step()
+        return {"generator": loss_g.detach(), "discrepancy": discrepancy.detach()}
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        loss_s = torch.stack([self.student_step() for _ in range(self.mcfg.student_steps)])
+        return {"student": loss_s.mean(), **self.generator_step()}

@@ -1,0 +1,126 @@
+"""Accuracy, relative accuracy, the data-free proxy and rank correlation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+REFERENCE_KINDS = ("ensemble", "best_teacher", "kd_real")
+
+
+@torch.no_grad()
+def evaluate_headers(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    device: torch.device,
+    max_samples: int | None = None,
+) -> dict:
+    """Accuracy of a (H, B, C)-logit model on labelled batches.
+
+    Returns ``{"accuracy": mean-of-headers accuracy, "header_accuracy": [per header],
+    "samples": n}``; accuracies are fractions in [0, 1].
+    """
+    correct_mean = 0
+    correct_heads: torch.Tensor | None = None
+    seen = 0
+    for x, y in loader:
+        if max_samples is not None and seen >= max_samples:
+            break
+        if max_samples is not None:
+            x, y = x[: max_samples - seen], y[: max_samples - seen]
+        x, y = x.to(device), y.to(device)
+        logits = logits_fn(x)
+        if logits.dim() == 2:
+            logits = logits.unsqueeze(0)
+        correct_mean += (logits.mean(0).argmax(-1) == y).sum().item()
+        heads = (logits.argmax(-1) == y.unsqueeze(0)).sum(1).cpu()
+        correct_heads = heads if correct_heads is None else correct_heads + heads
+        seen += len(y)
+    if seen == 0:
+        raise ValueError("evaluation set is empty")
+    return {
+        "accuracy": correct_mean / seen,
+        "header_accuracy": [c / seen for c in correct_heads.tolist()],
+        "samples": seen,
+    }
+
+
+def relative_accuracy(student_accuracy: float, reference_accuracy: float) -> float:
+    """Student accuracy divided by the reference accuracy (CGDD's metric).
+
+    The reference is the teacher ensemble, the best single teacher or a
+    KD-with-real-data result; callers record which one next to the value.
+    """
+    if reference_accuracy <= 0:
+        raise ValueError(f"reference accuracy must be positive, got {reference_accuracy}")
+    return student_accuracy / reference_accuracy
+
+
+def reference_accuracy(kind: str, manifest: dict, kd_real_result: dict | None = None) -> float | None:
+    """The accuracy relative accuracy divides by, from an ensemble manifest or a kd_real result.
+
+    None when the manifest does not record it (an ensemble saved without
+    evaluation); the caller then measures it.
+    """
+    if kind == "ensemble":
+        acc = manifest.get("ensemble_accuracy")
+        return None if acc is None else float(acc)
+    if kind == "best_teacher":
+        accs = [t.get("test_accuracy") for t in manifest["teachers"]]
+        return None if None in accs else max(float(a) for a in accs)
+    if kind == "kd_real":
+        if kd_real_result is None:
+            raise ValueError("reference kd_real needs the result.json of a kd_real run")
+        return float(kd_real_result["student_accuracy"])
+    raise ValueError(f"unknown reference {kind!r}; known: {', '.join(REFERENCE_KINDS)}")
+
+
+@torch.no_grad()
+def agreement_proxy(
+    student_fn: Callable[[torch.Tensor], torch.Tensor],
+    teacher_fn: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable,
+    num_classes: int,
+) -> float:
+    """Data-free proxy: how often the student's prediction agrees with the teachers'.
+
+    ``batches`` yields ``(x, y)`` with ``y`` the preset labels of a conditional
+    generator or ``None``. With labels, agreement is computed per preset class and
+    averaged over classes (a generator that collapsed onto easy classes cannot
+    inflate it); without, over all samples. Returns a fraction in [0, 1].
+    """
+    agree = torch.zeros(num_classes)
+    count = torch.zeros(num_classes)
+    for x, y in batches:
+        same = (student_fn(x).argmax(-1) == teacher_fn(x).argmax(-1)).float().cpu()
+        groups = y.cpu() if y is not None else torch.zeros(len(same), dtype=torch.long)
+        agree.index_add_(0, groups, same)
+        count.index_add_(0, groups, torch.ones_like(same))
+    present = count > 0
+    if not present.any():
+        raise ValueError("the proxy got no samples")
+    return (agree[present] / count[present]).mean().item()
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); nan for fewer than 3 pairs."""
+    if len(a) != len(b):
+        raise ValueError("spearman needs two sequences of equal length")
+    if len(a) < 3:
+        return float("nan")
+
+    def ranks(v: list[float]) -> torch.Tensor:
+        t = torch.tensor(v, dtype=torch.float64)
+        order = t.argsort()
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in t.unique():  # ties share their mean rank
+            mask = t == value
+            r[mask] = r[mask].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.norm() * rb.norm()).item()
+    return float("nan") if denom == 0 else (ra @ rb).item() / denom

@@ -1,0 +1,69 @@
+"""Teacher ensembles: train, save, verify and load them; run them as one module.
+
+``load_ensemble(dir, device, expect_arch=..., expect_num_classes=...)`` is the one
+way later stages get teachers. ``save_ensemble(models, dir, info, archs)`` writes
+an ensemble directory for models trained anywhere (and for tests).
+``ensemble_to_numpy``/``ensemble_from_numpy`` ship an ensemble through Ray's
+object store. ``train_ensemble`` is what ``cdfkd teachers train`` runs.
+"""
+
+from cdfkd.teachers.ensemble import AUTO_FUSED, MODES, TeacherEnsemble
+from cdfkd.teachers.manifest import (
+    MANIFEST,
+    EnsembleError,
+    EnsembleIntegrityError,
+    EnsembleMismatchError,
+    Manifest,
+    UnsafeCheckpointError,
+    read_manifest,
+)
+from cdfkd.teachers.store import (
+    FileCheck,
+    load_ensemble,
+    load_state_file,
+    save_ensemble,
+    sha256_file,
+    verify_ensemble,
+)
+from cdfkd.teachers.train import (
+    RECIPES,
+    EvalReport,
+    TeacherRecipe,
+    TeacherTrainConfig,
+    TrainProgress,
+    check_ensemble_dir,
+    evaluate_ensemble,
+    train_ensemble,
+    train_teacher,
+)
+from cdfkd.teachers.transport import ensemble_from_numpy, ensemble_to_numpy
+
+__all__ = [
+    "AUTO_FUSED",
+    "MANIFEST",
+    "MODES",
+    "RECIPES",
+    "EnsembleError",
+    "EnsembleIntegrityError",
+    "EnsembleMismatchError",
+    "EvalReport",
+    "FileCheck",
+    "Manifest",
+    "TeacherEnsemble",
+    "TeacherRecipe",
+    "TeacherTrainConfig",
+    "TrainProgress",
+    "UnsafeCheckpointError",
+    "check_ensemble_dir",
+    "ensemble_from_numpy",
+    "ensemble_to_numpy",
+    "evaluate_ensemble",
+    "load_ensemble",
+    "load_state_file",
+    "read_manifest",
+    "save_ensemble",
+    "sha256_file",
+    "train_ensemble",
+    "train_teacher",
+    "verify_ensemble",
+]

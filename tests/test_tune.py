@@ -1,0 +1,235 @@
+"""The sweep layer on a real local Ray (2 CPUs): validation, trials, object store, NaN, resume, two nodes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdfkd.config import ConfigError
+
+pytestmark = pytest.mark.ray
+
+
+def _base(teachers: Path, data_root: Path, **train) -> dict:
+    return {
+        "method": {"name": "cgdd"},
+        "data": {"name": "digits", "root": str(data_root)},
+        "teachers": {"path": str(teachers)},
+        "student": {"arch": "lenet5_half"},
+        "generator": {"width": 16, "nz": 32},
+        "train": {"steps": 24, "batch_size": 16, "eval_every": 12, "checkpoint_every": 12, **train},
+    }
+
+
+def _write_spec(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def ray_env(tmp_path, monkeypatch):
+    """Isolate Ray's token and temp files from the user's, and shut Ray down afterwards."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    import ray
+
+    ray.shutdown()
+
+
+# ---------------------------------------------------------------- validation (no Ray needed)
+
+
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ({"method.alpah": {"type": "float", "low": 0.1, "high": 1}}, "alpah"),
+        ({"method.alpha": {"type": "float", "low": 2, "high": 1}}, "must be below high"),
+        ({"method.alpha": {"type": "float", "low": 0, "high": 1, "log": True}}, "log=true needs low > 0"),
+        ({"student.fuse_from": {"type": "int", "low": 0, "high": 9, "when": {"student.family": "mfs"}},
+          "student.family": {"type": "categorical", "choices": ["mfs"]},
+          "student.headers": {"type": "categorical", "choices": [3]}}, "fuse_from"),
+        ({"method.alpha": {"type": "float", "low": 0.1, "high": 1, "when": {"nothing.here": 1}}}, "nothing.here"),
+        ({"method.alpha": {"type": "categorical", "choices": [{"a": 1}]}}, "scalars"),
+    ],
+)
+def test_invalid_search_spaces_are_refused(tmp_path, digits_ensemble, search, message):
+    from cdfkd.tune.spec import load_spec
+
+    spec = _write_spec(tmp_path / "s.yaml", name="bad", base_config=_base(digits_ensemble, tmp_path), search=search)
+    with pytest.raises(ConfigError, match=message):
+        load_spec(spec)
+
+
+def test_spec_refuses_unknown_top_level_key_and_asha_with_two_objectives(tmp_path, digits_ensemble):
+    from cdfkd.tune.spec import load_spec
+
+    base = _base(digits_ensemble, tmp_path)
+    with pytest.raises(ConfigError, match="num_sample"):
+        load_spec(_write_spec(tmp_path / "a.yaml", name="x", base_config=base, num_sample=3))
+    with pytest.raises(ConfigError, match="ASHA needs one objective"):
+        load_spec(_write_spec(tmp_path / "b.yaml", name="x", base_config=base, scheduler={"type": "asha"},
+                              objective={"second_metric": "student_params"}))
+
+
+def test_define_by_run_space_respects_conditions_and_seed():
+    import optuna
+
+    from cdfkd.tune.space import DefineByRunSpace
+    from cdfkd.tune.spec import Param
+
+    params = {
+        "student.family": Param(type="categorical", choices=["mfs", "branch"]),
+        "student.fuse_from": Param(type="int", low=0, high=2, when={"student.family": "mfs"}),
+        "student.share_until": Param(type="int", low=1, high=2, when={"student.family": "branch"}),
+    }
+
+    def sample(seed):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        out = []
+        for _ in range(8):
+            t = study.ask()
+            DefineByRunSpace(params, {})(t)
+            out.append(dict(t.params))
+            study.tell(t, 0.0)
+        return out
+
+    a = sample(3)
+    assert a == sample(3)  # a seeded space proposes the same configurations again
+    for p in a:
+        assert ("student.fuse_from" in p) == (p["student.family"] == "mfs")
+        assert ("student.share_until" in p) == (p["student.family"] == "branch")
+
+
+# ---------------------------------------------------------------- sweeps on a local Ray
+
+
+def _rows(exp_dir: Path) -> list[dict]:
+    with (exp_dir / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_small_sweep_completes_with_distinct_trials_and_shared_teachers(ray_env, digits_ensemble):
+    from cdfkd.tune import run_sweep
+
+    spec = _write_spec(
+        ray_env / "sweep.yaml", name="small", base_config=_base(digits_ensemble, ray_env),
+        search={
+            "method.alpha": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
+            "optim.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
+        },
+        num_samples=3, max_concurrent_trials=2, seed=1, storage_path=str(ray_env / "sweeps"),
+    )
+    lines: list[str] = []
+    summary = run_sweep(spec, write=lines.append)
+    rows = _rows(Path(summary["experiment_dir"]))
+    assert len(rows) == 3 and all(r["status"] == "COMPLETE" for r in rows)
+    assert len({r["param:method.alpha"] for r in rows}) == 3
+    assert len({r["relative_accuracy"] for r in rows}) > 1
+    assert summary["best"]["relative_accuracy"] == max(float(r["relative_accuracy"]) for r in rows)
+    # Teachers came through the object store, shared rather than copied into each trial.
+    for row in summary["rows"]:
+        assert row["teachers_shared"] == 1.0
+    assert any("rel_acc" in line for line in lines)  # the progress table was shown
+
+
+def test_nonfinite_trial_fails_cleanly_and_sweep_finishes(ray_env, digits_ensemble):
+    from cdfkd.tune import run_sweep
+
+    base = _base(digits_ensemble, ray_env, steps=20, eval_every=10, checkpoint_every=10)
+    base["method"] = {"name": "kd_real"}
+    spec = _write_spec(
+        ray_env / "nan.yaml", name="nan", base_config=base,
+        search={"optim.lr": {"type": "categorical", "choices": [0.05, 10.0]}},
+        points_to_evaluate=[{"optim.lr": 0.05}, {"optim.lr": 10.0}],
+        num_samples=2, max_concurrent_trials=2, seed=0, storage_path=str(ray_env / "sweeps"),
+    )
+    summary = run_sweep(spec, write=lambda _: None)
+    by_lr = {float(r["param:optim.lr"]): r for r in summary["rows"]}
+    assert set(by_lr) == {0.05, 10.0}
+    assert by_lr[10.0]["status"] == "FAILED_NONFINITE"
+    assert "became nan" in by_lr[10.0]["error"] and "step" in by_lr[10.0]["error"]
+    assert by_lr[0.05]["status"] == "COMPLETE"
+    assert summary["best"]["param:optim.lr"] == 0.05
+
+
+def test_driver_sigkill_then_resume_keeps_finished_trials(ray_env, digits_ensemble):
+    spec = _write_spec(
+        ray_env / "kill.yaml", name="kill", base_config=_base(digits_ensemble, ray_env, steps=36),
+        search={"method.alpha": {"type": "float", "low": 0.1, "high": 10.0, "log": True}},
+        num_samples=4, max_concurrent_trials=1, seed=2, storage_path=str(ray_env / "sweeps"),
+    )
+    exp = ray_env / "sweeps" / "kill"
+    cmd = [sys.executable, "-m", "cdfkd", "sweep", str(spec)]
+    driver = subprocess.Popen(cmd, cwd=ray_env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    finished: list[Path] = []
+    while time.time() < deadline and not finished:
+        finished = list(exp.glob("*/run/result.json"))
+        time.sleep(1)
+    assert finished, "no trial finished before the deadline"
+    time.sleep(12)  # let Tune snapshot the finished trial (its period is about 10 s)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    stamps = {p: p.stat().st_mtime_ns for p in exp.glob("*/run/result.json")}
+    resumed = subprocess.run(cmd + ["--resume"], cwd=ray_env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = _rows(exp)
+    assert len(rows) == 4 and all(r["status"] == "COMPLETE" for r in rows), rows
+    assert len({r["trial_id"] for r in rows}) == 4
+    snapshotted = [p for p in stamps if p.stat().st_mtime_ns == stamps[p]]
+    assert snapshotted, "every trial finished before the kill was run again"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_cluster_places_trials_on_both_nodes(ray_env, digits_ensemble):
+    from cdfkd.tune import run_sweep
+
+    port = _free_port()
+    temp = Path(f"/tmp/cdfkd-ray-{port}")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    common = ["--num-cpus=1", f"--temp-dir={temp}", "--object-store-memory=150000000", "--disable-usage-stats"]
+    env = dict(os.environ)
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--resources={\"head_slot\": 1}", *common],
+                   check=True, env=env, capture_output=True)
+    try:
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--resources={\"gpu_sim\": 1}", *common],
+                       check=True, env=env, capture_output=True)
+        spec = _write_spec(
+            ray_env / "two.yaml", name="two", base_config=_base(digits_ensemble, ray_env),
+            search={"method.alpha": {"type": "float", "low": 0.1, "high": 10.0, "log": True}},
+            num_samples=2, max_concurrent_trials=2, storage_path=str(ray_env / "sweeps"),
+        )
+        summary = run_sweep(spec, address=f"127.0.0.1:{port}", write=lambda _: None)
+        assert all(r["status"] == "COMPLETE" for r in summary["rows"])
+        assert len({r["node_id"] for r in summary["rows"]}) == 2
+    finally:
+        import ray
+
+        ray.shutdown()
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+
+
+def test_unreachable_cluster_gives_auth_hint(ray_env, digits_ensemble, monkeypatch):
+    from cdfkd.tune.run import connect_ray
+
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    with pytest.raises(ConfigError, match="RAY_AUTH_MODE=token"):
+        connect_ray(f"127.0.0.1:{_free_port()}")

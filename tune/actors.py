@@ -1,0 +1,107 @@
+"""Ray actors and tasks around teacher ensembles.
+
+``train_ensemble_ray`` trains the N teachers of an ensemble as N parallel Ray
+tasks (``cdfkd teachers train --ray``); ``TeacherEnsembleActor`` holds one
+ensemble in a worker and evaluates it or answers logits for batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+
+def _train_one(cfg_dict: dict, index: int, data_root: str, threads: int) -> dict:
+    """Train teacher ``index`` of the ensemble described by ``cfg_dict``; numpy weights + accuracy."""
+    from cdfkd.data import load_dataset
+    from cdfkd.metrics import evaluate_headers
+    from cdfkd.models import create_model
+    from cdfkd.teachers import TeacherTrainConfig, train_teacher
+    from cdfkd.teachers.train import eval_loader
+
+    torch.set_num_threads(threads)
+    cfg = TeacherTrainConfig(**cfg_dict)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_ds, test_ds, info = load_dataset(
+        cfg.dataset, root=data_root, image_size=cfg.image_size, seed=cfg.split_seed
+    )
+    seed = cfg.seed + index
+    # The same seeding as the sequential trainer, so --ray trains the same teachers.
+    torch.manual_seed(seed)
+    model = create_model(cfg.arch, info.num_classes, in_channels=info.channels, image_size=info.image_size,
+                         **cfg.model_kwargs)
+    train_teacher(model, train_ds, cfg, seed, device)
+    acc = evaluate_headers(model.eval(), eval_loader(test_ds, cfg.eval_batch_size, device), device)["accuracy"]
+    return {"index": index, "state": {k: v.cpu().numpy() for k, v in model.state_dict().items()}, "accuracy": acc}
+
+
+def train_ensemble_ray(cfg, out_dir: str | Path, *, data_root: str = "data", cpus_per_teacher: float = 1,
+                       gpus_per_teacher: float = 0, progress=None) -> dict:
+    """Train ``cfg.count`` teachers as parallel Ray tasks and write the ensemble folder."""
+    from cdfkd.data import load_dataset
+    from cdfkd.models import create_model
+    from cdfkd.teachers import TeacherEnsemble, evaluate_ensemble, save_ensemble
+    from cdfkd.teachers.train import eval_loader
+
+    task = ray.remote(num_cpus=cpus_per_teacher, num_gpus=gpus_per_teacher)(_train_one)
+    threads = max(1, int(cpus_per_teacher))
+    pending = [task.remote(asdict(cfg), i, str(data_root), threads) for i in range(cfg.count)]
+    done: dict[int, dict] = {}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        out = ray.get(ready[0])
+        done[out["index"]] = out
+        if progress is not None:
+            progress(f"teacher {out['index'] + 1}/{cfg.count} done: test accuracy {out['accuracy']:.4f}")
+    _, test_ds, info = load_dataset(cfg.dataset, root=data_root, image_size=cfg.image_size, seed=cfg.split_seed)
+    models = []
+    for i in range(cfg.count):
+        model = create_model(cfg.arch, info.num_classes, in_channels=info.channels, image_size=info.image_size,
+                             **cfg.model_kwargs)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in done[i]["state"].items()})
+        models.append(model.eval())
+    archs = [cfg.arch] * cfg.count
+    device = torch.device("cpu")
+    ev = evaluate_ensemble(TeacherEnsemble(models, info, archs, mode="loop"),
+                           eval_loader(test_ds, cfg.eval_batch_size, device), device)
+    return save_ensemble(
+        models, Path(out_dir), info, archs, seeds=[cfg.seed + i for i in range(cfg.count)],
+        test_accuracies=ev["teacher_accuracies"], ensemble_accuracy=ev["ensemble_accuracy"],
+        model_kwargs=cfg.model_kwargs, dataset=cfg.dataset,
+        config={**asdict(cfg), "data_root": str(data_root), "ray": True},
+    )
+
+
+@ray.remote
+class TeacherEnsembleActor:
+    """One ensemble held in a Ray worker: evaluate it, or run it on batches for other actors."""
+
+    def __init__(self, payload: dict, threads: int = 1) -> None:
+        from cdfkd.teachers import ensemble_from_numpy
+
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.ensemble = ensemble_from_numpy(payload, self.device)
+
+    def info(self) -> dict:
+        return {"num_teachers": self.ensemble.num_teachers, "archs": list(self.ensemble.archs),
+                "data": self.ensemble.info.to_dict()}
+
+    @torch.no_grad()
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Per-teacher logits (N, B, C) for a normalised (B, C, H, W) batch."""
+        return self.ensemble(torch.from_numpy(np.asarray(images)).to(self.device)).cpu().numpy()
+
+    def evaluate(self, data_root: str = "data") -> dict:
+        from cdfkd.data import load_dataset
+        from cdfkd.teachers import evaluate_ensemble
+        from cdfkd.teachers.train import eval_loader
+
+        m = self.ensemble.manifest
+        _, test_ds, _ = load_dataset(m["dataset"], root=data_root, image_size=self.ensemble.info.image_size,
+                                     seed=m.get("config", {}).get("split_seed", 0))
+        return evaluate_ensemble(self.ensemble, eval_loader(test_ds, 512, self.device), self.device)

@@ -1,0 +1,49 @@
+"""``cdfkd sweep``: the sweep command. Ray is imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cdfkd.cli import _Subparsers, command
+
+
+@command
+def _sweep(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="search loss weights and header structures with Ray Tune + Optuna (a sweep spec)",
+        description="Validate the sweep spec, train the teachers if the spec says how and they are "
+        "missing, then run the trials on a local Ray or a cluster; writes results.csv in the "
+        "experiment folder and prints the best trial (or the Pareto front).",
+    )
+    p.add_argument("spec", help="sweep spec YAML (e.g. tune/quickstart.yaml)")
+    p.add_argument("--address", default=None,
+                   help="join a Ray cluster: auto (this node's) or ray://HOST:PORT; default: embedded local Ray")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: finished trials are kept, unfinished ones resume")
+    p.add_argument("--name", default=None, help="experiment name (default: the spec's name)")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    # Ray's own console output (experiment banners, log dedup notices) would
+    # bury the progress table; everything Ray writes goes to its log files.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from cdfkd.tune.run import run_sweep
+
+    summary = run_sweep(args.spec, address=args.address, resume=args.resume, name=args.name,
+                        write=lambda line: print(line, file=sys.stderr, flush=True))
+    rows = summary["rows"]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"{len(rows)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
+    if "best" in summary:
+        b = summary["best"]
+        print(f"best relative accuracy {b['relative_accuracy']:.4f} (trial {b['trial_id']})")
+    print(f"results: {summary['experiment_dir']}/results.csv")
+    return 0

@@ -1,0 +1,218 @@
+"""The one place a sweep is set up: spec -> Ray -> Tuner(OptunaSearch, ASHA) -> results.csv."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from cdfkd.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESULTS_CSV = "results.csv"
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Start an embedded local Ray, or join a cluster with a clear error when that fails."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    if address is None:
+        ray.init(num_cpus=num_cpus, **quiet)
+        return
+    try:
+        ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError) as err:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = (
+                " Ray 2.60 clusters use token authentication: export RAY_AUTH_MODE=token and make the "
+                "cluster's token available (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)."
+            )
+        raise ConfigError(f"could not connect to the Ray cluster at {address!r} ({err}).{hint}") from None
+
+
+def ensure_teachers(spec, base: dict, progress: Callable[[str], None]) -> str:
+    """The base config's ensemble folder; trained (and cached there) when missing and the spec says how."""
+    from cdfkd.teachers import TeacherTrainConfig, train_ensemble
+    from cdfkd.train import resolve_device
+
+    path = Path(base["teachers"]["path"])
+    if (path / "ensemble.json").is_file():
+        return str(path)
+    if spec.teachers_train is None:
+        raise ConfigError(
+            f"no teacher ensemble at {path}: train one with `cdfkd teachers train --out {path} ...` "
+            "or add a teachers_train section to the sweep spec"
+        )
+    t = spec.teachers_train
+    progress(f"training {t.count} {t.arch} teachers on {t.dataset} into {path} (cached for later sweeps)")
+    cfg = TeacherTrainConfig.for_dataset(t.dataset, t.arch, count=t.count, epochs=t.epochs, seed=t.seed)
+    train_ensemble(cfg, path, resolve_device("auto"), data_root=base.get("data", {}).get("root", "data"))
+    return str(path)
+
+
+def _searcher(spec, base: dict, exp_dir: Path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from ray.tune.search.optuna import OptunaSearch
+
+    from cdfkd.tune.space import DefineByRunSpace, make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    obj = spec.objective
+    metric = [obj.metric, obj.second_metric] if obj.multi else obj.metric
+    mode = [obj.mode, obj.second_mode] if obj.multi else obj.mode
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    # A journal file keeps the study (and the Pareto front) readable after the run.
+    storage = JournalStorage(JournalFileBackend(str(exp_dir / "optuna.log")))
+    return OptunaSearch(
+        DefineByRunSpace(spec.search, base), metric=metric, mode=mode,
+        sampler=make_sampler(spec), study_name=spec.name, storage=storage,
+        points_to_evaluate=spec.points_to_evaluate or None,
+    )
+
+
+def run_sweep(
+    spec_path: str | Path,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    name: str | None = None,
+    write: Callable[[str], None] | None = None,
+) -> dict:
+    """Run (or resume) a sweep; returns {"experiment_dir", "rows", "best" or "pareto"}."""
+    from ray import tune
+
+    from cdfkd.teachers import ensemble_to_numpy, load_ensemble
+    from cdfkd.tune.progress import ProgressTable
+    from cdfkd.tune.spec import load_spec
+    from cdfkd.tune.trainable import distill_trainable
+
+    write = write or (lambda line: print(line, file=sys.stderr))
+    spec, base = load_spec(spec_path)
+    if name:
+        spec.name = name
+    exp_dir = Path(spec.storage_path) / spec.name
+    if resume and not tune.Tuner.can_restore(str(exp_dir)):
+        raise ConfigError(f"--resume: no sweep to resume at {exp_dir}; run without --resume to start it")
+    if not resume and exp_dir.exists() and any(exp_dir.glob("experiment_state-*.json")):
+        raise ConfigError(f"sweep {spec.name!r} already exists at {exp_dir}: pass --resume or --name NEW_NAME")
+
+    ensure_teachers(spec, base, write)
+    connect_ray(address)
+    ensemble = load_ensemble(base["teachers"]["path"], "cpu")
+    objective = spec.objective.model_dump()
+    res = spec.resources
+    resources = {"cpu": res.cpu, "gpu": res.gpu, **res.custom}
+    # One put: every trial reads the same read-only numpy weights from the object store.
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            distill_trainable, base=base, teachers=ensemble_to_numpy(ensemble),
+            objective=objective, resources=resources,
+        ),
+        resources,
+    )
+    table = ProgressTable(spec, write)
+    if resume:
+        write(f"resuming sweep {spec.name} from {exp_dir}")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner._local_tuner._run_config.callbacks = [table]  # restore keeps the pickled RunConfig
+    else:
+        scheduler = None
+        tc_metric = tc_mode = None
+        if spec.scheduler.type == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            evals = max(1, math.ceil(base.get("train", {}).get("steps", 1000) / base.get("train", {}).get("eval_every", 200)))
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration", max_t=evals + 1,
+                grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor,
+            )
+            tc_metric, tc_mode = spec.objective.metric, spec.objective.mode
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=_searcher(spec, base, exp_dir), scheduler=scheduler, metric=tc_metric,
+                mode=tc_mode, num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=spec.storage_path, verbose=0, callbacks=[table],
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+    grid = tuner.fit()
+    rows = result_rows(grid, spec)
+    write_results_csv(rows, exp_dir / RESULTS_CSV)
+    summary = {"experiment_dir": str(exp_dir), "rows": rows}
+    done = [r for r in rows if r["status"] == "COMPLETE"]
+    if spec.objective.multi:
+        summary["pareto"] = pareto_front(done, spec.objective)
+    elif done:
+        sign = 1 if spec.objective.mode == "max" else -1
+        summary["best"] = max(done, key=lambda r: sign * r[spec.objective.metric])
+    table.final(summary)
+    return summary
+
+
+def result_rows(grid, spec) -> list[dict]:
+    """A row per trial: id, status, sampled params, final metrics, error."""
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        if result.error is not None:
+            status = "ERROR"
+        elif m.get("failed"):
+            status = "FAILED_NONFINITE"
+        elif m.get("done_final"):
+            status = "COMPLETE"
+        else:
+            status = "STOPPED_EARLY"  # ASHA: its value comes from a shorter budget
+        row = {"trial_id": m.get("trial_id") or Path(result.path).name, "status": status}
+        row.update({f"param:{k}": v for k, v in (result.config or {}).items()})
+        for key in ("relative_accuracy", "student_accuracy", "proxy", "student_params", "student_macs",
+                    "step", "wall_seconds", "steps_per_second", "teachers_shared", "node_id"):
+            row[key] = m.get(key)
+        row["error"] = m.get("error") or (str(result.error).splitlines()[0] if result.error else "")
+        row["path"] = result.path
+        rows.append(row)
+    return rows
+
+
+def write_results_csv(rows: list[dict], path: Path) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def pareto_front(rows: list[dict], objective) -> list[dict]:
+    """Non-dominated rows for (metric, mode) x (second_metric, second_mode)."""
+    signs = (1 if objective.mode == "max" else -1, 1 if objective.second_mode == "max" else -1)
+    keys = (objective.metric, objective.second_metric)
+
+    def score(r):
+        return tuple(s * r[k] for s, k in zip(signs, keys, strict=True))
+
+    front = []
+    for r in rows:
+        sr = score(r)
+        dominated = any(
+            all(a >= b for a, b in zip(score(o), sr, strict=True)) and score(o) != sr for o in rows
+        )
+        if not dominated:
+            front.append(r)
+    return sorted(front, key=lambda r: r[keys[1]] * signs[1])

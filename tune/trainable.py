@@ -1,0 +1,113 @@
+"""One Tune trial = one generator-student trainer running the engine's own ``run``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from cdfkd.config import apply_values, build_config
+from cdfkd.train import CHECKPOINT, NonFiniteLossError, run
+
+log = logging.getLogger(__name__)
+
+#: reported when a trial fails with a non-finite loss, so the searcher sees a bad value
+FAILED_VALUE = {"max": 0.0, "min": math.inf}
+
+
+def trial_config(base: dict, sampled: dict, resources: dict) -> dict:
+    """The distill config of one trial: base + sampled keys + what the trial's resources dictate."""
+    raw = apply_values(base, sampled)
+    train = raw.setdefault("train", {})
+    # Tune checkpoints are taken at evaluations, so the two cadences must agree.
+    train["checkpoint_every"] = train.get("eval_every", 200)
+    train["device"] = "auto" if resources.get("gpu", 0) > 0 else "cpu"
+    train["threads"] = max(1, int(resources.get("cpu", 1)))
+    return raw
+
+
+def distill_trainable(config: dict, *, base: dict, teachers, objective: dict, resources: dict) -> None:
+    """Tune function trainable. ``teachers`` arrives through the object store (numpy, zero-copy)."""
+    from cdfkd.teachers import ensemble_from_numpy
+
+    raw = trial_config(base, config, resources)
+    cfg = build_config(raw, source="trial config")
+    torch.set_num_threads(cfg.train.threads)
+    device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else "cpu")
+    ensemble = ensemble_from_numpy(teachers, device)
+    shared = 1.0 if shares_memory(ensemble, teachers) else 0.0
+    node_id = ray.get_runtime_context().get_node_id()
+
+    out = Path(tune.get_context().get_trial_dir()) / "run"
+    resume = False
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        # Tune's checkpoint is the truth: the run folder may hold a newer one
+        # that the (killed) driver never recorded.
+        out.mkdir(parents=True, exist_ok=True)
+        with checkpoint.as_directory() as d:
+            shutil.copy2(Path(d) / CHECKPOINT, out / CHECKPOINT)
+        resume = True
+    elif out.exists():
+        shutil.rmtree(out)
+
+    # Every report carries the student's size: a second objective and the
+    # progress table read it from intermediate results too.
+    sizes = student_size(cfg, ensemble.info)
+
+    def report(step: int, metrics: dict, run_dir: Path) -> None:
+        payload = {**metrics, **sizes, "step": step, "teachers_shared": shared, "node_id": node_id}
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy2(run_dir / CHECKPOINT, Path(tmp) / CHECKPOINT)
+            tune.report(payload, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    try:
+        result = run(cfg, out, resume=resume, teachers=ensemble, on_eval=report)
+    except NonFiniteLossError as err:
+        # Deterministic: a retry would fail the same way. Finish the trial with a
+        # bad objective value and the reason, so the sweep goes on.
+        bad = FAILED_VALUE[objective["mode"]]
+        tune.report({objective["metric"]: bad, "failed": 1.0, "error": str(err)})
+        return
+    final = {
+        "student_accuracy": result["student_accuracy"],
+        "relative_accuracy": result["relative_accuracy"],
+        "proxy": result["proxy"],
+        "student_params": result["student_params"],
+        "student_macs": result["student_macs"],
+        "wall_seconds": result["wall_seconds"],
+        "step": result["steps"],
+        "done_final": 1.0,
+        "teachers_shared": shared,
+        "node_id": node_id,
+    }
+    tune.report(final)
+
+
+def student_size(cfg, info) -> dict:
+    """Parameters and MACs of the student this config builds."""
+    from cdfkd.models import count_macs, count_params, create_student
+
+    s = cfg.student
+    student = create_student(
+        s.arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size,
+        family=s.family, headers=s.headers, fuse_from=s.fuse_from, share_until=s.share_until,
+        header_width=s.header_width,
+    )
+    shape = (1, info.channels, info.image_size, info.image_size)
+    return {"student_params": count_params(student), "student_macs": count_macs(student, shape)}
+
+
+def shares_memory(ensemble, payload: dict) -> bool:
+    """True when every teacher tensor is a view of the object-store arrays (no per-trial copy)."""
+    for teacher, arrays in zip(ensemble.teachers, payload["weights"], strict=True):
+        for name, tensor in teacher.state_dict().items():
+            if tensor.data_ptr() != arrays[name].ctypes.data:
+                return False
+    return True
