@@ -26,7 +26,21 @@ def command(add: Callable[[_Subparsers], None]) -> Callable[[_Subparsers], None]
     return add
 
 
+# Modules that add subcommands with @command. The sweep and report commands live
+# in the packages above the library (cdfkd.tune, cdfkd.reports), which import
+# Ray, Optuna and MLflow only when their command runs.
+_COMMAND_MODULES = ("cdfkd.cli_distill", "cdfkd.cli_mlflow", "cdfkd.tune.cli", "cdfkd.reports.cli")
+
+
+def _load_command_modules() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _load_command_modules()
     parser = argparse.ArgumentParser(
         prog="cdfkd",
         description="Data-free knowledge distillation from teacher ensembles "
@@ -56,10 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
     from cdfkd.data import DatasetUnavailableError
+    from cdfkd.train import NonFiniteLossError
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, DatasetUnavailableError) as err:
+    except (ValueError, KeyError, DatasetUnavailableError, NonFiniteLossError) as err:
         # User-facing errors (EnsembleError, ConfigError, unknown names, bad values)
         # carry their fix in the message; -vv adds the traceback.
         log.debug("traceback", exc_info=True)

@@ -32,13 +32,14 @@ def _run_distill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cdfkd.config import load_config
-    from cdfkd.tracking import JsonlLogger
-    from cdfkd.train import run
+    from cdfkd.tracking import JsonlLogger, MultiLogger
+    from cdfkd.train import preflight, run
 
     overrides = list(args.overrides)
     if args.few_shot is not None:
         overrides.append(f"aggregation.few_shot={args.few_shot}")
     cfg = load_config(args.config, overrides)
+    preflight(cfg)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     bar = tqdm(total=cfg.train.steps, desc=f"{cfg.method.name}", unit="step", file=sys.stderr,
                disable=args.no_progress, dynamic_ncols=True)
@@ -56,11 +57,20 @@ def _run_distill(args: argparse.Namespace) -> int:
         shown["acc"] = _pct(metrics.get("student_accuracy"))
         shown["rel"] = _pct(metrics.get("relative_accuracy"))
 
+    mlf = _mlflow_logger(cfg, out) if cfg.tracking.enabled else None
+    logger = MultiLogger(JsonlLogger(out), mlf)
     try:
-        result = run(cfg, out, logger=JsonlLogger(out), resume=args.resume,
+        result = run(cfg, out, logger=logger, resume=args.resume,
                      on_progress=on_progress, on_eval=on_eval)
+    except KeyboardInterrupt:
+        logger.close("KILLED")
+        raise
+    except BaseException:
+        logger.close("FAILED")
+        raise
     finally:
         bar.close()
+    logger.close("FINISHED")
     ref = result["reference"]
     print(f"{result['method']} on {result['dataset']}: student accuracy {_pct(result['student_accuracy'])} %, "
           f"relative accuracy {_pct(result['relative_accuracy'])} % of {ref['kind']} ({_pct(ref['accuracy'])} %)")
@@ -70,7 +80,27 @@ def _run_distill(args: argparse.Namespace) -> int:
         _print_aggregation(result["aggregation"])
     print(f"proxy {result['proxy']:.4f}; {result['student_params']} params, {result['student_macs']} MACs; "
           f"{result['steps']} steps in {result['wall_seconds']:.0f} s; wrote {out}/result.json")
+    if mlf is not None and mlf.run_id:
+        print(f"MLflow run {mlf.run_id} in experiment {mlf.experiment} at {mlf.tracking_uri}")
     return 0
+
+
+def _mlflow_logger(cfg, out: Path):
+    """The run folder's MLflow logger; the URI: config, else $MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    from cdfkd.mlflow_tracking import (
+        DEFAULT_EXPERIMENT,
+        MLflowLogger,
+        ensemble_id_of_dir,
+        standard_tags,
+    )
+
+    t = cfg.tracking
+    teachers_id = ensemble_id_of_dir(cfg.teachers.path)
+    return MLflowLogger(
+        out, t.uri, t.experiment or DEFAULT_EXPERIMENT, run_name=t.run_name or out.name,
+        params={"teachers.ensemble_id": teachers_id} if teachers_id else None,
+        tags=standard_tags("distill", teachers_id), log_models=t.log_model,
+    )
 
 
 @command

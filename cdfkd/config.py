@@ -178,10 +178,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return apply_values(raw, values)
 
 
-def _format_errors(err: ValidationError) -> str:
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = prefix + ".".join(str(p) for p in e["loc"]) if e["loc"] else prefix.rstrip(".") or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/ for examples)"
@@ -194,13 +194,28 @@ def build_config(raw: dict, overrides: list[str] | None = None, source: str = "c
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
+    problems = []
+    method = raw.get("method")
+    if isinstance(method, dict):
+        # Validated on its own first so its errors are reported as method.<key>.
+        from cdfkd.methods import method_config_class
+
+        try:
+            method_config_class(method.get("name", "")).model_validate(method)
+        except ValidationError as err:
+            problems.append(_format_errors(err, prefix="method."))
+            raw = {**raw, "method": {"name": method["name"]}}
+        except KeyError as err:
+            raise ConfigError(f"{source} is invalid: method.name: {err.args[0]}") from None
     try:
-        return ExperimentConfig.model_validate(raw)
+        cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{source} is invalid:\n{_format_errors(err)}") from None
+        problems.append(_format_errors(err))
     except (KeyError, ValueError) as err:
-        text = err.args[0] if err.args else str(err)
-        raise ConfigError(f"{source} is invalid: {text}") from None
+        problems.append(f"  {err.args[0] if err.args else err}")
+    if problems:
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(problems))
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -74,6 +74,46 @@ def save_sample_grid(method, info, path: Path) -> Path | None:
     return path
 
 
+def preflight(cfg: ExperimentConfig, teachers=None) -> None:
+    """Checks that need the file system, done before any data is loaded or any step runs.
+
+    Collects every problem (missing teacher ensemble, a student structure the
+    teachers' geometry or count cannot take, a missing kd_real reference) into
+    one ConfigError.
+    """
+    from cdfkd.models import create_student
+    from cdfkd.teachers import read_manifest
+
+    problems = []
+    geometry = None
+    if teachers is not None:
+        geometry = (teachers.info.channels, teachers.info.image_size, teachers.info.num_classes,
+                    teachers.num_teachers)
+    else:
+        try:
+            m = read_manifest(cfg.teachers.path)
+            info = m.info()
+            geometry = (info.channels, info.image_size, m.num_classes, len(m.teachers))
+        except (ValueError, OSError) as err:
+            problems.append(f"teachers.path: {err}")
+    if geometry is not None:
+        channels, size, classes, count = geometry
+        s = cfg.student
+        if s.headers not in (1, count):
+            problems.append(f"student.headers={s.headers}: with {count} teachers use 1 header or {count}")
+        else:
+            try:
+                create_student(s.arch, num_classes=classes, in_channels=channels, image_size=size,
+                               family=s.family, headers=s.headers, fuse_from=s.fuse_from,
+                               share_until=s.share_until, header_width=s.header_width)
+            except (ValueError, KeyError) as err:
+                problems.append(f"student: {err.args[0] if err.args else err}")
+    if cfg.reference.kind == "kd_real" and not Path(cfg.reference.result).is_file():
+        problems.append(f"reference.result: {cfg.reference.result} does not exist (run a kd_real distill first)")
+    if problems:
+        raise ConfigError("the config cannot run:\n" + "\n".join(f"  {p}" for p in problems))
+
+
 def run(
     cfg: ExperimentConfig,
     out_dir: str | Path,
@@ -97,6 +137,7 @@ def run(
     from cdfkd.teachers import load_ensemble
     from cdfkd.tracking import NullLogger, flatten
 
+    preflight(cfg, teachers)
     logger = logger or NullLogger()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +161,9 @@ def run(
 
     # Teachers: the one way in is a verified ensemble directory.
     if teachers is None:
-        teachers = load_ensemble(cfg.teachers.path, device, expect_num_classes=info.num_classes)
+        teachers = load_ensemble(
+            cfg.teachers.path, device, expect_num_classes=info.num_classes, mode=cfg.teachers.mode
+        )
     t_info = teachers.info
     if (t_info.channels, t_info.image_size) != (info.channels, info.image_size):
         raise ConfigError(
@@ -194,6 +237,7 @@ def run(
         if on_eval is not None and (step % tc.eval_every == 0 or step == total):
             on_eval(step, metrics, out)
 
+    loop_seconds = time.time() - t_train
     # Final: full test set, proxy, sizes, samples, optional few-shot aggregation.
     final = evaluate(final=True)
     c, s = info.channels, info.image_size
@@ -219,6 +263,7 @@ def run(
         "student_macs": count_macs(method.student, (1, c, s, s)),
         "steps": method.step_count,
         "wall_seconds": time.time() - t_start,
+        "loop_seconds": loop_seconds,
         "device": str(device),
         "host": platform.node(),
         "config": cfg.to_dict(),
@@ -226,12 +271,25 @@ def run(
     torch.save(method.student.state_dict(), out / "student.pt")
     grid = save_sample_grid(method, info, out / "samples.png")
     if cfg.aggregation.few_shot > 0:
+        # The few real samples are seen as they are, without training-time augmentation.
+        plain_train, _, _ = load_dataset(
+            d.name, root=d.root, image_size=d.image_size, seed=d.split_seed, download=d.download, augment=False
+        )
         result["aggregation"] = run_aggregation(
-            method, train_ds, test_loader, cfg.aggregation, device, out
+            method, plain_train, test_loader, cfg.aggregation, device, out
         )
     (out / RESULT).write_text(json.dumps(result, indent=2))
-    logger.log_metrics({k: v for k, v in final.items()}, method.step_count)
+    agg = result.get("aggregation") or {}
+    logger.log_metrics({
+        **final,
+        **{k: result[k] for k in ("student_params", "student_macs", "wall_seconds")},
+        **{f"aggregation/{k}": agg[k] for k in ("averaging_accuracy", "aggregated_accuracy") if k in agg},
+    }, method.step_count)
     for artifact in (out / "config.yaml", out / RESULT, grid):
         if artifact is not None and artifact.exists():
             logger.log_artifact(artifact)
+    # Model: loggers that keep models (MLflow) get the student and an example input batch.
+    for lg in getattr(logger, "loggers", [logger]):
+        if hasattr(lg, "log_model"):
+            lg.log_model(method.student, next(iter(test_loader))[0])
     return result

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
-
 from cdfkd.reports.query import PARAM, ReportError
 from cdfkd.reports.tables import column, finished, varying_params
 
@@ -47,24 +46,38 @@ def _distribution(values: pd.Series):
 
     present = values.dropna()
     if values.isna().any() or values.dtype == object or str(values.dtype) in ("string", "str"):
-        return CategoricalDistribution(sorted({str(v) for v in values.astype("string").fillna("None")}))
+        return CategoricalDistribution(
+            sorted({str(v) for v in values.astype("string").fillna("None")})
+        )
     if str(values.dtype) == "Int64" or pd.api.types.is_integer_dtype(values):
         return IntDistribution(int(present.min()), int(present.max()))
     return FloatDistribution(float(present.min()), float(present.max()))
 
 
-def _evaluate(study, experiment: str, source: str, run_ids: str, n: int) -> tuple[pd.DataFrame, list[str]]:
+def _evaluate(
+    study, experiment: str, source: str, run_ids: str, n: int
+) -> tuple[pd.DataFrame, list[str]]:
     import optuna
 
     try:
         scores = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            study,
+            evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
             target=(lambda t: t.values[0]) if len(study.directions) > 1 else None,
         )
     except (RuntimeError, ValueError) as err:
         return pd.DataFrame(columns=COLUMNS), [f"{experiment}: no parameter importances ({err})."]
-    rows = [{"experiment": experiment, "param": k, "importance": float(v), "n_trials": n,
-             "source": source, "run_ids": run_ids} for k, v in scores.items()]
+    rows = [
+        {
+            "experiment": experiment,
+            "param": k,
+            "importance": float(v),
+            "n_trials": n,
+            "source": source,
+            "run_ids": run_ids,
+        }
+        for k, v in scores.items()
+    ]
     notes = []
     if n < 5:
         notes.append(f"{experiment}: importances from only {n} trials are a rough indication.")
@@ -72,7 +85,7 @@ def _evaluate(study, experiment: str, source: str, run_ids: str, n: int) -> tupl
 
 
 def param_importances(trials: pd.DataFrame, experiment: str) -> tuple[pd.DataFrame, list[str]]:
-    """fANOVA importances over the varying ``method.*``/``student.*`` params of one experiment's runs.
+    """fANOVA importances of the varying ``method.*``/``student.*`` params of one experiment.
 
     Returns (rows with :data:`COLUMNS`, notes). Fewer than two finished runs or
     no varying parameter give no rows and a note saying why.
@@ -84,12 +97,14 @@ def param_importances(trials: pd.DataFrame, experiment: str) -> tuple[pd.DataFra
     if len(done) < MIN_TRIALS:
         return pd.DataFrame(columns=COLUMNS), [
             f"{experiment}: parameter importances need at least {MIN_TRIALS} finished runs with a "
-            f"relative accuracy; it has {len(done)}."]
+            f"relative accuracy; it has {len(done)}."
+        ]
     params = varying_params(done, IMPORTANCE_PREFIXES)
     if not params:
         return pd.DataFrame(columns=COLUMNS), [
             f"{experiment}: no parameter importances: every loss weight and structure parameter "
-            f"(method.*, student.*) is the same in all {len(done)} runs."]
+            f"(method.*, student.*) is the same in all {len(done)} runs."
+        ]
     dists = {p.removeprefix(PARAM): _distribution(done[p]) for p in params}
     rel = column(done, "relative_accuracy")
     with _quiet_optuna() as optuna:
@@ -102,14 +117,23 @@ def param_importances(trials: pd.DataFrame, experiment: str) -> tuple[pd.DataFra
                     values[key] = "None" if pd.isna(v) else str(v)
                 else:
                     values[key] = int(v) if isinstance(dists[key], IntDistribution) else float(v)
-            study.add_trial(create_trial(value=float(rel[i]), params=values, distributions=dists,
-                                         user_attrs={"run_id": row["run_id"]}))
+            study.add_trial(
+                create_trial(
+                    value=float(rel[i]),
+                    params=values,
+                    distributions=dists,
+                    user_attrs={"run_id": row["run_id"]},
+                )
+            )
         return _evaluate(study, experiment, "runs", " ".join(done["run_id"]), len(done))
 
 
-def journal_importances(path: str | Path, study_name: str, experiment: str | None = None
-                        ) -> tuple[pd.DataFrame, list[str]]:
-    """fANOVA importances of a sweep's Optuna journal (``<experiment dir>/optuna.log``, study = sweep name).
+def journal_importances(
+    path: str | Path, study_name: str, experiment: str | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """fANOVA importances from a sweep's Optuna journal (``<experiment dir>/optuna.log``).
+
+    The study name is the sweep name.
 
     With two objectives the first one (the sweep's ``objective.metric``) is the target;
     conditional parameters (absent from some trials) are left out, as fANOVA needs
@@ -121,19 +145,24 @@ def journal_importances(path: str | Path, study_name: str, experiment: str | Non
     path = Path(path)
     experiment = experiment or study_name
     if not path.is_file():
-        raise ReportError(f"no Optuna journal at {path}: pass the sweep's <storage_path>/<name>/optuna.log")
+        raise ReportError(
+            f"no Optuna journal at {path}: pass the sweep's <storage_path>/<name>/optuna.log"
+        )
     with _quiet_optuna() as optuna:
         storage = JournalStorage(JournalFileBackend(str(path)))
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
         except KeyError:
             names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-            raise ReportError(f"the journal {path} has no study {study_name!r}; it has: "
-                              f"{', '.join(names) or 'none'}") from None
+            raise ReportError(
+                f"the journal {path} has no study {study_name!r}; it has: "
+                f"{', '.join(names) or 'none'}"
+            ) from None
         done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if len(done) < MIN_TRIALS:
             return pd.DataFrame(columns=COLUMNS), [
                 f"{experiment}: parameter importances need at least {MIN_TRIALS} complete trials; "
-                f"the journal {path} has {len(done)}."]
+                f"the journal {path} has {len(done)}."
+            ]
         numbers = " ".join(f"optuna#{t.number}" for t in done)
         return _evaluate(study, experiment, f"journal {path}", numbers, len(done))

@@ -13,14 +13,16 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from cdfkd.reports.tables import column, pareto_mask, structure_labels
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-
-from cdfkd.reports.tables import column, pareto_mask, structure_labels
+from matplotlib.ticker import EngFormatter
 
 
 def _figure(ncols: int = 1, width: float = 7.0, height: float = 4.2):
-    fig = Figure(figsize=(width * ncols if ncols > 1 else width, height), dpi=100, layout="constrained")
+    fig = Figure(
+        figsize=(width * ncols if ncols > 1 else width, height), dpi=100, layout="constrained"
+    )
     FigureCanvasAgg(fig)
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
@@ -52,16 +54,19 @@ def _log_if_wide(ax, values: pd.Series, axis: str = "x") -> None:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
-def history_plot(history: pd.DataFrame, runs: pd.DataFrame, path: Path, color_by: str) -> Path | None:
+def history_plot(
+    history: pd.DataFrame, runs: pd.DataFrame, path: Path, color_by: str
+) -> Path | None:
     """Relative accuracy of every run at each evaluation, against wall time and against step.
 
-    ``history``: run_id, step, time, value (from :func:`query.metric_history`).
+    ``history``: run_id, step, time, value (from :func:`query.metric_history`);
+    ``runs``: every run, finished or not (not finished: dashed, never labelled).
     Time is seconds since the experiment's first run started, so sweeps overlay.
     """
     if history.empty:
         return None
-    meta = runs[["run_id", "experiment", color_by, "start_time"]].drop_duplicates("run_id")
-    h = history.merge(meta, on="run_id", how="inner")
+    cols = list(dict.fromkeys(["run_id", "experiment", color_by, "start_time", "status"]))
+    h = history.merge(runs[cols].drop_duplicates("run_id"), on="run_id", how="inner")
     if h.empty:
         return None
     origin = runs.groupby("experiment")["start_time"].min()
@@ -70,17 +75,32 @@ def history_plot(history: pd.DataFrame, runs: pd.DataFrame, path: Path, color_by
     colors = _palette(h["group"])
     fig, (ax_t, ax_s) = _figure(ncols=2, width=5.5)
     seen = set()
-    for run_id, g in h.groupby("run_id", sort=False):
-        group = g["group"].iloc[0]
-        label = None if group in seen else group
-        seen.add(group)
+    for _, g in h.groupby("run_id", sort=False):
+        group, done = g["group"].iloc[0], g["status"].iloc[0] == "FINISHED"
+        label = None if group in seen or not done else group
+        if done:
+            seen.add(group)
+        style = {"linestyle": "-" if done else "--", "alpha": 0.8 if done else 0.45}
         for ax, x in ((ax_t, "seconds"), (ax_s, "step")):
-            ax.plot(g[x], g["value"], marker="o", markersize=3, linewidth=1, alpha=0.8,
-                    color=colors[group], label=label)
-    last = h.sort_values(["step", "time"]).groupby("run_id").tail(1)
+            ax.plot(
+                g[x],
+                g["value"],
+                marker="o",
+                markersize=3,
+                linewidth=1,
+                color=colors[group],
+                label=label,
+                **style,
+            )
+    last = h[h["status"] == "FINISHED"].sort_values(["step", "time"]).groupby("run_id").tail(1)
     for _, best in last.loc[last.groupby("experiment")["value"].idxmax()].iterrows():
-        ax_s.annotate(_short(best["run_id"]), (best["step"], best["value"]), fontsize=7,
-                      xytext=(3, 3), textcoords="offset points")
+        ax_s.annotate(
+            _short(best["run_id"]),
+            (best["step"], best["value"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax_t.set_xlabel("seconds since the experiment's first run started")
     ax_s.set_xlabel("training step")
     for ax in (ax_t, ax_s):
@@ -92,7 +112,7 @@ def history_plot(history: pd.DataFrame, runs: pd.DataFrame, path: Path, color_by
 
 
 def pareto_plot(runs: pd.DataFrame, path: Path, color_by: str) -> Path | None:
-    """Relative accuracy against student params (and MACs, when logged); each experiment's front joined."""
+    """Relative accuracy against student params (and MACs); each experiment's front joined."""
     costs = [c for c in ("student_params", "student_macs") if column(runs, c).notna().any()]
     if not costs or column(runs, "relative_accuracy").notna().sum() == 0:
         return None
@@ -107,16 +127,32 @@ def pareto_plot(runs: pd.DataFrame, path: Path, color_by: str) -> Path | None:
             sel = group == key
             ax.scatter(x[sel], rel[sel], s=24, alpha=0.6, color=colors[key], label=key)
         for exp, g in runs.groupby("experiment", sort=False):
-            front = g[pareto_mask(g, cost)].assign(_x=column(g, cost), _y=column(g, "relative_accuracy"))
+            front = g[pareto_mask(g, cost)].assign(
+                _x=column(g, cost), _y=column(g, "relative_accuracy")
+            )
             front = front.sort_values("_x")
             edge = exp_colors[exp] if runs["experiment"].nunique() > 1 else "black"
-            ax.step(front["_x"], front["_y"], where="post", color=edge, linewidth=1.2,
-                    label=f"front: {exp}" if len(exp_colors) > 1 else "Pareto front")
-            ax.scatter(front["_x"], front["_y"], s=70, facecolors="none", edgecolors=edge, linewidths=1.5)
+            ax.step(
+                front["_x"],
+                front["_y"],
+                where="post",
+                color=edge,
+                linewidth=1.2,
+                label=f"front: {exp}" if len(exp_colors) > 1 else "Pareto front",
+            )
+            ax.scatter(
+                front["_x"], front["_y"], s=70, facecolors="none", edgecolors=edge, linewidths=1.5
+            )
             for _, r in front.iterrows():
-                ax.annotate(_short(r["run_id"]), (r["_x"], r["_y"]), fontsize=7, xytext=(4, -9),
-                            textcoords="offset points")
+                ax.annotate(
+                    _short(r["run_id"]),
+                    (r["_x"], r["_y"]),
+                    fontsize=7,
+                    xytext=(4, -9),
+                    textcoords="offset points",
+                )
         _log_if_wide(ax, x)
+        ax.xaxis.set_major_formatter(EngFormatter())  # 55k, 1.2M: sizes span orders of magnitude
         ax.set_xlabel(cost.replace("_", " "))
         ax.set_ylabel("relative accuracy")
         ax.grid(alpha=0.3)
@@ -126,7 +162,7 @@ def pareto_plot(runs: pd.DataFrame, path: Path, color_by: str) -> Path | None:
 
 
 def structure_plot(runs: pd.DataFrame, path: Path, color_by: str) -> Path | None:
-    """Relative accuracy of the runs grouped by student header structure; a bar marks each group's mean."""
+    """Relative accuracy of the runs grouped by header structure; a bar marks each group's mean."""
     rel = column(runs, "relative_accuracy")
     if rel.notna().sum() == 0:
         return None
@@ -142,18 +178,27 @@ def structure_plot(runs: pd.DataFrame, path: Path, color_by: str) -> Path | None
         sel = (group == key) & rel.notna()
         x = labels[sel].map(pos) + (offsets[sel] - (len(colors) - 1) / 2) * spread
         ax.scatter(x, rel[sel], s=26, alpha=0.75, color=colors[key], label=key)
-    ax.hlines(means.values, [p - 0.35 for p in pos.values()], [p + 0.35 for p in pos.values()],
-              color="black", linewidth=2, label="group mean")
+    ax.hlines(
+        means.values,
+        [p - 0.35 for p in pos.values()],
+        [p + 0.35 for p in pos.values()],
+        color="black",
+        linewidth=2,
+        label="group mean",
+    )
     ax.set_xticks(list(pos.values()), list(pos), rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("relative accuracy")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, title=color_by)
-    ax.set_title(f"Relative accuracy by header structure ({len(pos)} structures, {int(rel.notna().sum())} runs)")
+    ax.set_title(
+        f"Relative accuracy by header structure "
+        f"({len(pos)} structures, {int(rel.notna().sum())} runs)"
+    )
     return _save(fig, path)
 
 
 def proxy_plot(runs: pd.DataFrame, path: Path, color_by: str) -> tuple[Path | None, float]:
-    """Data-free proxy against true relative accuracy; returns (path, Spearman correlation of all runs)."""
+    """Data-free proxy against true relative accuracy; returns (path, Spearman rho of all runs)."""
     from cdfkd.metrics import spearman
 
     proxy, rel = column(runs, "proxy"), column(runs, "relative_accuracy")

@@ -1,4 +1,4 @@
-"""Read runs from an MLflow tracking store into pandas; the only module of ``reports`` that talks to it.
+"""Read runs from an MLflow tracking store into pandas (the only module here that calls MLflow).
 
 Everything here only reads: no run, experiment or database is created. The
 runs of the chosen experiments become one frame with a row per run:
@@ -15,6 +15,7 @@ runs of the chosen experiments become one frame with a row per run:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import urllib.error
 import urllib.parse
@@ -30,14 +31,39 @@ from cdfkd.config import ConfigError
 log = logging.getLogger(__name__)
 
 #: tags of the logging contract kept as plain columns
-CONTRACT_TAGS = ("run_kind", "method", "dataset", "reference", "sweep", "trial_id",
-                 "teacher_ensemble_hash", "git_commit", "cdfkd_version")
-ID_COLUMNS = ["experiment", "run_id", "run_name", "status", "run_kind", "method", "dataset",
-              "reference", "seed", "sweep", "trial_id", "parent_run_id", "start_time", "end_time"]
+CONTRACT_TAGS = (
+    "run_kind",
+    "method",
+    "dataset",
+    "reference",
+    "sweep",
+    "trial_id",
+    "teacher_ensemble_hash",
+    "git_commit",
+    "cdfkd_version",
+)
+ID_COLUMNS = [
+    "experiment",
+    "run_id",
+    "run_name",
+    "status",
+    "run_kind",
+    "method",
+    "dataset",
+    "reference",
+    "seed",
+    "sweep",
+    "trial_id",
+    "parent_run_id",
+    "start_time",
+    "end_time",
+]
 PARAM = "param:"
 _PARENT_TAG = "mlflow.parentRunId"
-_FIX = ("pass --tracking-uri with the store the runs were logged to (default: $MLFLOW_TRACKING_URI, "
-        "else sqlite:///mlflow.db in the working directory)")
+_FIX = (
+    "pass --tracking-uri with the store the runs were logged to (default: $MLFLOW_TRACKING_URI, "
+    "else sqlite:///mlflow.db in the working directory)"
+)
 
 
 class ReportError(ConfigError):
@@ -56,16 +82,23 @@ class RunSet:
 
 
 def open_store(tracking_uri: str | None):
-    """``(MlflowClient, resolved uri)`` after checking the store exists or the server answers."""
+    """``(MlflowClient, resolved uri)`` after checking the store exists or the server answers.
+
+    The URI is resolved as the loggers resolve it (``cdfkd.mlflow_tracking``): None
+    means ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working
+    directory; a bare ``*.db`` path is a sqlite store.
+    """
     import mlflow
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    from cdfkd.mlflow_tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
     check_store(uri)
     return mlflow.MlflowClient(tracking_uri=uri), uri
 
 
 def check_store(uri: str, timeout: float = 5.0) -> None:
-    """Raise :class:`ReportError` for a server that does not answer or a local store that is missing.
+    """Raise :class:`ReportError` for a server that does not answer or a missing local store.
 
     Done before MLflow sees the URI: its HTTP client retries for minutes, and a
     missing sqlite file would be created empty rather than reported.
@@ -86,9 +119,11 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
             ) from None
     elif scheme == "sqlite":
         # sqlite:///rel.db is relative to the working directory, sqlite:////abs.db absolute
-        path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
+        path = uri[len("sqlite:///") :].split("?")[0] if uri.startswith("sqlite:///") else ""
         if path and path != ":memory:" and not Path(path).is_file():
-            raise ReportError(f"no MLflow store at {uri}: {Path(path).resolve()} does not exist; {_FIX}")
+            raise ReportError(
+                f"no MLflow store at {uri}: {Path(path).resolve()} does not exist; {_FIX}"
+            )
     elif scheme in ("", "file") and len(scheme) != 1:  # len 1: a Windows drive letter
         path = Path(urllib.parse.unquote(parsed.path) if scheme == "file" else uri)
         if not path.is_dir():
@@ -123,7 +158,9 @@ def find_experiments(client, uri: str, names: list[str]) -> dict[str, str]:
             if exp is not None and exp.lifecycle_stage == "active":
                 found[name] = exp.experiment_id
                 continue
-            known = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
+            known = sorted(
+                e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+            )
             deleted = " (it was deleted: `mlflow experiments restore`)" if exp is not None else ""
             raise ReportError(
                 f"no MLflow experiment named {name!r} at {uri}{deleted}; known experiments: "
@@ -152,17 +189,22 @@ def load_runs(experiments: list[str], tracking_uri: str | None = None) -> RunSet
             if len(rows) == before:
                 raise ReportError(
                     f"experiment {name!r} at {uri} has no runs: log runs to it first "
-                    "(`cdfkd sweep SPEC` or `cdfkd distill` with tracking enabled), or pick another experiment"
+                    "(`cdfkd sweep SPEC` or `cdfkd distill` with tracking enabled), "
+                    "or pick another experiment"
                 )
     frame = _typed(pd.DataFrame(rows))
     parent_ids = set(frame["parent_run_id"].dropna())
     is_parent = (frame["run_kind"] == "sweep") | frame["run_id"].isin(parent_ids)
-    trials, parents = frame[~is_parent].reset_index(drop=True), frame[is_parent].reset_index(drop=True)
+    trials, parents = (
+        frame[~is_parent].reset_index(drop=True),
+        frame[is_parent].reset_index(drop=True),
+    )
     for name in ids:
         if not (trials["experiment"] == name).any():
             raise ReportError(
-                f"experiment {name!r} at {uri} holds only sweep parent runs, no trial or distill runs: "
-                "its trials have not logged yet (is the sweep still starting?), or pick another experiment"
+                f"experiment {name!r} at {uri} holds only sweep parent runs, no trial or distill "
+                "runs: its trials have not logged yet (is the sweep still starting?), "
+                "or pick another experiment"
             )
     log.info("read %d runs (%d sweep parents) from %s", len(frame), len(parents), uri)
     return RunSet(uri=uri, experiments=ids, trials=trials, parents=parents, client=client)
@@ -200,8 +242,11 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     if PARAM + "train.seed" in frame:
         frame["seed"] = frame[PARAM + "train.seed"]
     rest = [c for c in frame if c not in ID_COLUMNS]
-    return frame[ID_COLUMNS + sorted(c for c in rest if not c.startswith(PARAM))
-                 + sorted(c for c in rest if c.startswith(PARAM))]
+    return frame[
+        ID_COLUMNS
+        + sorted(c for c in rest if not c.startswith(PARAM))
+        + sorted(c for c in rest if c.startswith(PARAM))
+    ]
 
 
 def coerce_param(values: pd.Series) -> pd.Series:
@@ -218,20 +263,41 @@ def coerce_param(values: pd.Series) -> pd.Series:
     return pd.to_numeric(text, errors="coerce").astype("float64")
 
 
-def metric_history(runs: RunSet, run_ids: list[str], key: str = "relative_accuracy") -> pd.DataFrame:
+def metric_history(
+    runs: RunSet, run_ids: list[str], key: str = "relative_accuracy"
+) -> pd.DataFrame:
     """Every logged value of ``key``: columns run_id, step, time (UTC timestamps), value."""
     rows = []
     with _store_errors(runs.uri, f"read the history of {key!r}"):
         for run_id in run_ids:
-            rows += [{"run_id": run_id, "step": m.step, "time": m.timestamp, "value": m.value}
-                     for m in runs.client.get_metric_history(run_id, key)]
+            rows += [
+                {"run_id": run_id, "step": m.step, "time": m.timestamp, "value": m.value}
+                for m in runs.client.get_metric_history(run_id, key)
+            ]
     frame = pd.DataFrame(rows, columns=["run_id", "step", "time", "value"])
     frame["time"] = pd.to_datetime(frame["time"], unit="ms", utc=True)
     return frame.sort_values(["run_id", "step", "time"], kind="stable").reset_index(drop=True)
 
 
+@contextmanager
+def _no_progress_bar():
+    # MLflow draws a tqdm bar on stderr for every download unless this switch is off;
+    # library code prints nothing, so it is turned off for the call and restored after.
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as flag
+
+    before = os.environ.get(flag.name)
+    os.environ[flag.name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(flag.name, None)
+        else:
+            os.environ[flag.name] = before
+
+
 def fetch_artifact(runs: RunSet, run_id: str, name: str, dest: Path) -> Path | None:
-    """Copy the run's artifact ``name`` (at its root or in a folder) to ``dest``; None when it has none."""
+    """Copy the run's artifact ``name`` (at its root or in a folder) to ``dest``; None if absent."""
     import tempfile
 
     with _store_errors(runs.uri, f"list the artifacts of run {run_id}"):
@@ -242,7 +308,11 @@ def fetch_artifact(runs: RunSet, run_id: str, name: str, dest: Path) -> Path | N
     match = next((p for p in paths if p == name or p.endswith("/" + name)), None)
     if match is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp, _store_errors(runs.uri, f"download {match} of run {run_id}"):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        _store_errors(runs.uri, f"download {match} of run {run_id}"),
+        _no_progress_bar(),
+    ):
         local = runs.client.download_artifacts(run_id, match, tmp)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local, dest)

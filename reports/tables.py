@@ -8,9 +8,9 @@ formatting for people happens in :mod:`cdfkd.reports.html`.
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
-
 from cdfkd.reports.query import PARAM
 
 #: params that pick a random stream, not a configuration (seeds get their own column)
@@ -18,10 +18,18 @@ SEED_KEYS = (PARAM + "train.seed", PARAM + "data.split_seed", PARAM + "aggregati
 #: params that never describe a configuration
 _NOT_CONFIG = (PARAM + "tracking.",)
 #: the knobs of the student's header structure (see cdfkd.config.StudentConfig)
-STRUCTURE_KEYS = tuple(PARAM + "student." + k for k in
-                       ("arch", "family", "headers", "fuse_from", "share_until", "header_width"))
-METRICS = ("relative_accuracy", "student_accuracy", "proxy", "student_params", "student_macs",
-           "wall_seconds")
+STRUCTURE_KEYS = tuple(
+    PARAM + "student." + k
+    for k in ("arch", "family", "headers", "fuse_from", "share_until", "header_width")
+)
+METRICS = (
+    "relative_accuracy",
+    "student_accuracy",
+    "proxy",
+    "student_params",
+    "student_macs",
+    "wall_seconds",
+)
 
 
 def column(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -45,7 +53,7 @@ def varying_params(trials: pd.DataFrame, prefixes: tuple[str, ...] = (PARAM,)) -
     """
     out = []
     for col in trials:
-        if (not col.startswith(prefixes) or col in SEED_KEYS or col.startswith(_NOT_CONFIG)):
+        if not col.startswith(prefixes) or col in SEED_KEYS or col.startswith(_NOT_CONFIG):
             continue
         if trials[col].astype("string").fillna("None").nunique() > 1:
             out.append(col)
@@ -71,29 +79,57 @@ def comparison_table(trials: pd.DataFrame) -> pd.DataFrame:
     rows = []
     order = list(dict.fromkeys(done["experiment"]))
     keys = ["experiment", "method", "dataset"]
-    for (exp, method, dataset), g in done.fillna({"method": "?", "dataset": "?"}).groupby(keys, sort=False):
+    for (exp, method, dataset), g in done.fillna({"method": "?", "dataset": "?"}).groupby(
+        keys, sort=False
+    ):
         rel, acc = column(g, "relative_accuracy"), column(g, "student_accuracy")
         ref = (acc / rel).where(rel > 0)
         seeds = sorted({str(s) for s in g["seed"].dropna()}, key=lambda s: (len(s), s))
-        rows.append({
-            "experiment": exp, "method": method, "dataset": dataset,
-            "reference": ",".join(sorted({str(r) for r in g["reference"].dropna()})) or None,
-            "n_runs": len(g), "seeds": " ".join(seeds),
-            "relative_accuracy_mean": rel.mean(), "relative_accuracy_std": _std(rel),
-            "student_accuracy_mean": acc.mean(), "student_accuracy_std": _std(acc),
-            "reference_accuracy": ref.mean(),
-            "proxy_mean": column(g, "proxy").mean(),
-            "student_params_mean": column(g, "student_params").mean(),
-            "student_macs_mean": column(g, "student_macs").mean(),
-            "wall_seconds_mean": column(g, "wall_seconds").mean(),
-            "run_ids": " ".join(g["run_id"]),
-        })
-    table = pd.DataFrame(rows, columns=[
-        "experiment", "method", "dataset", "reference", "n_runs", "seeds", "relative_accuracy_mean",
-        "relative_accuracy_std", "student_accuracy_mean", "student_accuracy_std", "reference_accuracy",
-        "proxy_mean", "student_params_mean", "student_macs_mean", "wall_seconds_mean", "run_ids"])
+        rows.append(
+            {
+                "experiment": exp,
+                "method": method,
+                "dataset": dataset,
+                "reference": ",".join(sorted({str(r) for r in g["reference"].dropna()})) or None,
+                "n_runs": len(g),
+                "seeds": " ".join(seeds),
+                "relative_accuracy_mean": rel.mean(),
+                "relative_accuracy_std": _std(rel),
+                "student_accuracy_mean": acc.mean(),
+                "student_accuracy_std": _std(acc),
+                "reference_accuracy": ref.mean(),
+                "proxy_mean": column(g, "proxy").mean(),
+                "student_params_mean": column(g, "student_params").mean(),
+                "student_macs_mean": column(g, "student_macs").mean(),
+                "wall_seconds_mean": column(g, "wall_seconds").mean(),
+                "run_ids": " ".join(g["run_id"]),
+            }
+        )
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            "experiment",
+            "method",
+            "dataset",
+            "reference",
+            "n_runs",
+            "seeds",
+            "relative_accuracy_mean",
+            "relative_accuracy_std",
+            "student_accuracy_mean",
+            "student_accuracy_std",
+            "reference_accuracy",
+            "proxy_mean",
+            "student_params_mean",
+            "student_macs_mean",
+            "wall_seconds_mean",
+            "run_ids",
+        ],
+    )
     table["_exp"] = table["experiment"].map({e: i for i, e in enumerate(order)})
-    table = table.sort_values(["_exp", "dataset", "relative_accuracy_mean"], ascending=[True, True, False])
+    table = table.sort_values(
+        ["_exp", "dataset", "relative_accuracy_mean"], ascending=[True, True, False]
+    )
     return table.drop(columns="_exp").reset_index(drop=True)
 
 
@@ -101,10 +137,20 @@ def best_table(trials: pd.DataFrame, top_k: int = 5) -> pd.DataFrame:
     """The ``top_k`` runs of each experiment by relative accuracy (smaller student breaks ties).
 
     Columns: experiment, rank, run_id, method, dataset, seed, the metrics of
-    :data:`METRICS`, then every param that varies between the runs.
+    :data:`METRICS`, the per-header and aggregation accuracies when logged
+    (``header_{i}_accuracy``, ``aggregation/...``), then every param that varies between the runs.
     """
     done = finished(trials)
     params = varying_params(done)
+    extra = sorted(
+        (
+            c
+            for c in done
+            if re.fullmatch(r"header_\d+_accuracy|aggregation/\w+", c)
+            and column(done, c).notna().any()
+        ),
+        key=lambda c: (len(c), c),
+    )
     done = done.assign(_rel=column(done, "relative_accuracy"), _size=column(done, "student_params"))
     parts = []
     for _, g in done.groupby("experiment", sort=False):
@@ -116,7 +162,7 @@ def best_table(trials: pd.DataFrame, top_k: int = 5) -> pd.DataFrame:
     best = pd.concat(parts, ignore_index=True)
     for m in METRICS:
         best[m] = column(best, m)
-    return best[base + list(METRICS) + params].reset_index(drop=True)
+    return best[base + list(METRICS) + extra + params].reset_index(drop=True)
 
 
 def pareto_mask(frame: pd.DataFrame, cost: str = "student_params") -> pd.Series:
@@ -142,17 +188,22 @@ def structure_labels(trials: pd.DataFrame) -> pd.Series:
     Only the knobs that apply to the family are named (``fuse_from`` for mfs,
     ``share_until`` for branch); the backbone is named when it differs between runs.
     """
+
     def get(row, key):
         v = row.get(PARAM + "student." + key)
         return None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else v
 
-    archs = trials[PARAM + "student.arch"].dropna().unique() if PARAM + "student.arch" in trials else []
+    archs = (
+        trials[PARAM + "student.arch"].dropna().unique() if PARAM + "student.arch" in trials else []
+    )
     labels = []
     for _, row in trials.iterrows():
         family, arch = get(row, "family"), get(row, "arch")
         prefix = f"{arch} " if len(archs) > 1 and arch is not None else ""
         if family is None:
-            label = "single header" if get(row, "headers") in (None, 1) else f"h={get(row, 'headers')}"
+            label = (
+                "single header" if get(row, "headers") in (None, 1) else f"h={get(row, 'headers')}"
+            )
         else:
             knob = {"mfs": "fuse_from", "branch": "share_until"}.get(str(family))
             parts = [str(family), f"h={_num(get(row, 'headers'))}"]

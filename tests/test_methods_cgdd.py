@@ -69,12 +69,12 @@ def _method(name, teachers, digits, steps, **kw):
     return create_method(_cfg(name, steps, **kw), teachers, digits[2], CPU)
 
 
-TRAIN_STEPS = 40
+TRAIN_STEPS = 20
 
 
 @pytest.fixture(scope="module")
 def trained_cgdd(teachers, digits):
-    """CGDD after TRAIN_STEPS rounds (batch 32, G lr 1e-2), with the loss history."""
+    """CGDD (default weights) after TRAIN_STEPS rounds (batch 32, G lr 1e-2), with the losses."""
     torch.manual_seed(0)
     method = _method("cgdd", teachers, digits, TRAIN_STEPS, g_lr=1e-2)
     history = [method.step() for _ in range(TRAIN_STEPS)]
@@ -89,8 +89,7 @@ def test_generator_draws_the_preset_class(trained_cgdd, teachers):
         x, y = method.generate(500, rng)
         predicted = teachers(x).mean(0).argmax(-1)
     rate = (predicted == y).float().mean().item()
-    print("RATE", rate)  # TEMP
-    # Measured: RATE_MEASURED; chance is 10 %.
+    # Measured: 94.8 % after 20 rounds (chance: 10 %).
     assert rate >= 0.80, f"teachers label only {rate:.1%} of G(z, y) as y"
 
 
@@ -197,7 +196,9 @@ def test_config_refuses_bad_fields(name, field, value, message):
 
 def test_cgdd_config_refuses_negative_student_weights_and_silent_students():
     for field in ("alpha", "beta", "gamma", "w_adv"):
-        with pytest.raises(ConfigError, match=f"{field}: Input should be greater than or equal to 0"):
+        with pytest.raises(
+            ConfigError, match=f"{field}: Input should be greater than or equal to 0"
+        ):
             _cfg("cgdd", 1, **{field: -1.0})
     with pytest.raises(ConfigError, match="student would learn nothing"):
         _cfg("cgdd", 1, alpha=0, beta=0, gamma=0)

@@ -97,6 +97,14 @@ def test_checkpoint_roundtrip_is_exact(ens_dir: Path) -> None:
     assert manifest["arch"] == "lenet5" and manifest["cdfkd_version"] and manifest["created"]
 
 
+def test_same_weights_give_the_same_files(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        save_ensemble(_models(["lenet5"] * 2), tmp_path / name, INFO, "lenet5")
+    for i in range(2):
+        file = f"teacher_{i}.safetensors"
+        assert sha256_file(tmp_path / "a" / file) == sha256_file(tmp_path / "b" / file)
+
+
 def test_save_refuses_to_overwrite(ens_dir: Path) -> None:
     with pytest.raises(EnsembleError, match="already holds an ensemble"):
         save_ensemble(_models(["lenet5"]), ens_dir, INFO, "lenet5")

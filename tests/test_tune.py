@@ -227,9 +227,12 @@ def test_two_node_cluster_places_trials_on_both_nodes(ray_env, digits_ensemble):
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
 
 
-def test_unreachable_cluster_gives_auth_hint(ray_env, digits_ensemble, monkeypatch):
+def test_unreachable_cluster_is_refused_fast(ray_env):
     from cdfkd.tune.run import connect_ray
 
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    with pytest.raises(ConfigError, match="RAY_AUTH_MODE=token"):
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="nothing answers at 127.0.0.1"):
         connect_ray(f"127.0.0.1:{_free_port()}")
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        connect_ray("no-port-here")
+    assert time.time() - t0 < 30

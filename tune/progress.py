@@ -25,7 +25,7 @@ def _fmt(v) -> str:
 class ProgressTable(Callback):
     """Prints the table at most every ``interval`` seconds and whenever a trial ends."""
 
-    def __init__(self, spec, write: Callable[[str], None], interval: float = 10.0) -> None:
+    def __init__(self, spec, write: Callable[[str], None], interval: float = 30.0) -> None:
         self.params = list(spec.search)
         self.metric = spec.objective.metric
         self.write = write

@@ -23,10 +23,16 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    quiet = {
+        "include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
+        # OpenMP threads spin-waiting on shared cores slow torch down many times over.
+        "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "TQDM_DISABLE": "1"}},
+    }
     if address is None:
         ray.init(num_cpus=num_cpus, **quiet)
         return
+    if address != "auto":
+        _probe(address)
     try:
         ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError) as err:
@@ -37,6 +43,23 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
                 "cluster's token available (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)."
             )
         raise ConfigError(f"could not connect to the Ray cluster at {address!r} ({err}).{hint}") from None
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Fail fast when nothing listens at HOST:PORT (ray.init would retry for minutes)."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(
+            f"nothing answers at {hostport} ({err}): start the cluster there (`ray start --head`, or "
+            "`ray up cluster.yaml`) or pass the head node's address"
+        ) from None
 
 
 def ensure_teachers(spec, base: dict, progress: Callable[[str], None]) -> str:
@@ -93,6 +116,7 @@ def run_sweep(
     from ray import tune
 
     from cdfkd.teachers import ensemble_to_numpy, load_ensemble
+    from cdfkd.tune.mlflow_sweep import finish_sweep, start_parent
     from cdfkd.tune.progress import ProgressTable
     from cdfkd.tune.spec import load_spec
     from cdfkd.tune.trainable import distill_trainable
@@ -109,6 +133,7 @@ def run_sweep(
 
     ensure_teachers(spec, base, write)
     connect_ray(address)
+    parent, mlflow_ctx = start_parent(spec, base, exp_dir)
     ensemble = load_ensemble(base["teachers"]["path"], "cpu")
     objective = spec.objective.model_dump()
     res = spec.resources
@@ -117,7 +142,7 @@ def run_sweep(
     trainable = tune.with_resources(
         tune.with_parameters(
             distill_trainable, base=base, teachers=ensemble_to_numpy(ensemble),
-            objective=objective, resources=resources,
+            objective=objective, resources=resources, mlflow=mlflow_ctx,
         ),
         resources,
     )
@@ -150,7 +175,12 @@ def run_sweep(
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except BaseException as err:
+        if parent is not None:
+            parent.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     rows = result_rows(grid, spec)
     write_results_csv(rows, exp_dir / RESULTS_CSV)
     summary = {"experiment_dir": str(exp_dir), "rows": rows}
@@ -160,6 +190,7 @@ def run_sweep(
     elif done:
         sign = 1 if spec.objective.mode == "max" else -1
         summary["best"] = max(done, key=lambda r: sign * r[spec.objective.metric])
+    finish_sweep(parent, spec, summary, exp_dir, write)
     table.final(summary)
     return summary
 
@@ -180,7 +211,8 @@ def result_rows(grid, spec) -> list[dict]:
         row = {"trial_id": m.get("trial_id") or Path(result.path).name, "status": status}
         row.update({f"param:{k}": v for k, v in (result.config or {}).items()})
         for key in ("relative_accuracy", "student_accuracy", "proxy", "student_params", "student_macs",
-                    "step", "wall_seconds", "steps_per_second", "teachers_shared", "node_id"):
+                    "step", "wall_seconds", "loop_seconds", "time_total_s", "steps_per_second",
+                    "teachers_shared", "node_id"):
             row[key] = m.get(key)
         row["error"] = m.get("error") or (str(result.error).splitlines()[0] if result.error else "")
         row["path"] = result.path

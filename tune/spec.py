@@ -95,6 +95,15 @@ class TeachersTrain(_Strict):
     seed: int = 0
 
 
+class MLflowSpec(_Strict):
+    """Where the sweep logs: a parent run per sweep, a nested child run per trial."""
+
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or ./mlflow.db (made absolute)")
+    experiment: str | None = Field(None, description="None: the sweep's name")
+    register_name: str | None = Field(None, description="registered model of the best student; None: <name>-best")
+
+
 class SweepSpec(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     base: str | None = Field(None, description="path of a `cdfkd distill` config, relative to the spec")
@@ -113,7 +122,7 @@ class SweepSpec(_Strict):
     seed: int = 0
     storage_path: str = Field("runs/sweeps", description="experiment folders go to storage_path/name")
     max_failures: int = Field(2, ge=0)
-    mlflow: dict[str, Any] = Field(default_factory=dict, description="tracking_uri, experiment, register")
+    mlflow: MLflowSpec = MLflowSpec()
 
     @model_validator(mode="after")
     def _one_base(self) -> SweepSpec:

@@ -13,6 +13,7 @@ import torch
 from ray import tune
 
 from cdfkd.config import apply_values, build_config
+from cdfkd.mlflow_outbox import MLFLOW_FILES, pack_state, unpack_state
 from cdfkd.train import CHECKPOINT, NonFiniteLossError, run
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,13 @@ def trial_config(base: dict, sampled: dict, resources: dict) -> dict:
     return raw
 
 
-def distill_trainable(config: dict, *, base: dict, teachers, objective: dict, resources: dict) -> None:
-    """Tune function trainable. ``teachers`` arrives through the object store (numpy, zero-copy)."""
+def distill_trainable(config: dict, *, base: dict, teachers, objective: dict, resources: dict,
+                      mlflow: dict | None = None) -> None:
+    """Tune function trainable. ``teachers`` arrives through the object store (numpy, zero-copy).
+
+    ``mlflow``: tracking URI, experiment and parent run from the driver (None: no tracking);
+    the trial logs to its own child run, kept in ``run/mlflow_run.json`` across restarts.
+    """
     from cdfkd.teachers import ensemble_from_numpy
 
     raw = trial_config(base, config, resources)
@@ -53,9 +59,17 @@ def distill_trainable(config: dict, *, base: dict, teachers, objective: dict, re
         out.mkdir(parents=True, exist_ok=True)
         with checkpoint.as_directory() as d:
             shutil.copy2(Path(d) / CHECKPOINT, out / CHECKPOINT)
+            # A new Ray session gives the trial a new, empty folder: bring back which
+            # MLflow run it logs to and what it still owes (a same-session retry has them).
+            unpack_state(Path(d), out)
         resume = True
     elif out.exists():
-        shutil.rmtree(out)
+        # Restarted from scratch: a fresh run folder, but the same MLflow run and its outbox.
+        for path in out.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.name not in MLFLOW_FILES:
+                path.unlink()
 
     # Every report carries the student's size: a second objective and the
     # progress table read it from intermediate results too.
@@ -65,16 +79,32 @@ def distill_trainable(config: dict, *, base: dict, teachers, objective: dict, re
         payload = {**metrics, **sizes, "step": step, "teachers_shared": shared, "node_id": node_id}
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy2(run_dir / CHECKPOINT, Path(tmp) / CHECKPOINT)
+            pack_state(run_dir, Path(tmp))
             tune.report(payload, checkpoint=tune.Checkpoint.from_directory(tmp))
 
+    ml = None
+    if mlflow:
+        from cdfkd.tune.mlflow_sweep import trial_logger
+
+        ctx = tune.get_context()
+        ml = trial_logger(mlflow, out, ctx.get_trial_id(), ctx.get_trial_name(), cfg.tracking.log_model)
     try:
-        result = run(cfg, out, resume=resume, teachers=ensemble, on_eval=report)
+        result = run(cfg, out, logger=ml, resume=resume, teachers=ensemble, on_eval=report)
     except NonFiniteLossError as err:
+        if ml is not None:
+            ml.close("FAILED")
         # Deterministic: a retry would fail the same way. Finish the trial with a
         # bad objective value and the reason, so the sweep goes on.
         bad = FAILED_VALUE[objective["mode"]]
         tune.report({objective["metric"]: bad, "failed": 1.0, "error": str(err)})
         return
+    except BaseException as err:
+        # SystemExit: Tune stopping the trial (ASHA); anything else fails it (Tune may retry).
+        if ml is not None:
+            ml.close("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+    if ml is not None:
+        ml.close("FINISHED")
     final = {
         "student_accuracy": result["student_accuracy"],
         "relative_accuracy": result["relative_accuracy"],
@@ -82,6 +112,8 @@ def distill_trainable(config: dict, *, base: dict, teachers, objective: dict, re
         "student_params": result["student_params"],
         "student_macs": result["student_macs"],
         "wall_seconds": result["wall_seconds"],
+        "loop_seconds": result["loop_seconds"],
+        "steps_per_second": result["steps"] / max(result["loop_seconds"], 1e-9),
         "step": result["steps"],
         "done_final": 1.0,
         "teachers_shared": shared,

@@ -19,13 +19,20 @@ import torch
 
 from cdfkd.losses import attention_transfer
 
-__all__ = ["default_stage_pairs", "ensemble_attention_transfer", "probe_stage_shapes", "validate_stage_pairs"]
+__all__ = [
+    "default_stage_pairs",
+    "ensemble_attention_transfer",
+    "probe_stage_shapes",
+    "validate_stage_pairs",
+]
 
 StageShapes = list[list[tuple[int, ...]]]  # per header / per teacher: (C, H, W) of each stage
 
 
 @torch.no_grad()
-def probe_stage_shapes(student, teachers, channels: int, image_size: int, device) -> tuple[StageShapes, StageShapes]:
+def probe_stage_shapes(
+    student, teachers, channels: int, image_size: int, device
+) -> tuple[StageShapes, StageShapes]:
     """Stage map shapes ``(C, H, W)`` per student header and per teacher, from one zero image.
 
     The student runs in eval mode for the probe (its BN running statistics are
@@ -49,9 +56,11 @@ def probe_stage_shapes(student, teachers, channels: int, image_size: int, device
 def validate_stage_pairs(
     pairs: list[tuple[int, int]], student_shapes: StageShapes, teacher_shapes: StageShapes
 ) -> list[tuple[int, int]]:
-    """Check every index against every header and every teacher; raise ``ValueError`` naming the fix."""
+    """Check each index against every header and teacher; ``ValueError`` names the valid range."""
     if not pairs:
-        raise ValueError("at_stages is empty: list [student_stage, teacher_stage] pairs, or set gamma=0")
+        raise ValueError(
+            "at_stages is empty: list [student_stage, teacher_stage] pairs, or set gamma=0"
+        )
     n_s = min(len(h) for h in student_shapes)
     n_t = min(len(t) for t in teacher_shapes)
     for s, t in pairs:
@@ -68,7 +77,9 @@ def validate_stage_pairs(
     return [(int(s), int(t)) for s, t in pairs]
 
 
-def default_stage_pairs(student_shapes: StageShapes, teacher_shapes: StageShapes) -> list[tuple[int, int]]:
+def default_stage_pairs(
+    student_shapes: StageShapes, teacher_shapes: StageShapes
+) -> list[tuple[int, int]]:
     """The last k stages of both, k = min(stage counts), less pairs with a 1x1 map.
 
     A 1x1 map's normalised attention is the constant 1, so its term is always
@@ -101,7 +112,9 @@ def ensemble_attention_transfer(
     elif h == 1:
         matches = [(0, i) for i in range(n)]
     else:
-        raise ValueError(f"attention transfer: {h} headers cannot be matched to {n} teachers (need 1 or {n})")
+        raise ValueError(
+            f"attention transfer: {h} headers cannot be matched to {n} teachers (need 1 or {n})"
+        )
     terms = [
         attention_transfer(
             [student_stages[a][s] for s, _ in pairs], [teacher_stages[b][t] for _, t in pairs]

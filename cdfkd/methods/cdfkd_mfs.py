@@ -75,6 +75,10 @@ class CDFKDMFS(DistillMethod):
         return [(0, j) for j in range(n)]
 
     def build_extra(self) -> dict[str, nn.Module]:
+        """``proj_{h}_{t}``: Linear(D_header_h -> D_teacher_t) for each feature pair whose
+        sizes differ (none when ``lambda_feat`` is 0); trained with the student."""
+        if self.mcfg.lambda_feat == 0:
+            return {}
         # Teacher embedding sizes from one no-grad probe (teachers are frozen and in
         # eval mode, so it changes no state); header sizes from the student modules.
         info = self.info
@@ -101,6 +105,9 @@ class CDFKDMFS(DistillMethod):
 
     # -- one round -------------------------------------------------------------
     def student_step(self) -> dict[str, torch.Tensor]:
+        """One student update on a fresh no-grad batch. Returns detached ``student_l1``,
+        ``student_ens``, ``student_feat`` (when lambda_feat > 0) and their weighted sum
+        ``student``."""
         m = self.mcfg
         with torch.no_grad():
             x, _ = self.generate(self.cfg.train.batch_size)
@@ -138,6 +145,8 @@ class CDFKDMFS(DistillMethod):
         return torch.stack(terms).mean()
 
     def generator_step(self) -> dict[str, torch.Tensor]:
+        """One G update. Returns detached ``adversarial`` (the per-header L1 it maximises),
+        ``bn`` (when lambda_bn > 0) and the total ``generator`` loss."""
         m = self.mcfg
         zero_grad(self.opt_g)
         per_teacher = [[bn for _, bn in layers] for layers in self.teachers.bn_layers()]
@@ -163,6 +172,7 @@ class CDFKDMFS(DistillMethod):
         return {k: v.detach() for k, v in losses.items()}
 
     def train_step(self) -> dict[str, torch.Tensor]:
+        """``student_steps`` student updates (their losses averaged), then one G update."""
         steps = [self.student_step() for _ in range(self.mcfg.student_steps)]
         losses = {k: torch.stack([s[k] for s in steps]).mean() for k in steps[0]}
         losses.update(self.generator_step())

@@ -200,7 +200,9 @@ def save_ensemble(
                 f"model {i} has {model.num_classes} classes, info says {info.num_classes}"
             )
         name = f"teacher_{i}.safetensors"
-        meta = {"arch": archs[i], "num_classes": str(info.num_classes), "format": "pt"}
+        # One metadata key only: safetensors writes a map's keys in random order, and
+        # identical weights must give an identical file (and sha256).
+        meta = {"format": "pt"}
         state = _cpu_state(model)
         _atomic_write(out / name, lambda tmp, s=state, m=meta: save_file(s, tmp, metadata=m))
         entry = {

@@ -40,7 +40,12 @@ def ensemble_to_numpy(ensemble: TeacherEnsemble) -> dict:
 
 
 def ensemble_from_numpy(payload: dict, device: torch.device | str = "cpu") -> TeacherEnsemble:
-    """Rebuild the ensemble ``ensemble_to_numpy`` produced; the weights are copied exactly."""
+    """Rebuild the ensemble ``ensemble_to_numpy`` produced, with exactly its weights.
+
+    On CPU the teachers' tensors are views of the payload's arrays (no copy: a
+    node's trials all read the one object-store copy). That is safe because
+    teachers are frozen and always in eval mode, so nothing writes to them.
+    """
     manifest = validate_manifest(payload.get("manifest"), "numpy payload manifest")
     weights = payload.get("weights")
     if not isinstance(weights, list) or len(weights) != len(manifest.teachers):
@@ -49,10 +54,13 @@ def ensemble_from_numpy(payload: dict, device: torch.device | str = "cpu") -> Te
     models = []
     for i, (entry, arrays) in enumerate(zip(manifest.teachers, weights, strict=True)):
         with warnings.catch_warnings():
-            # Object-store arrays are read-only; load_state_dict copies them anyway.
+            # Object-store arrays are read-only; teachers never write to their weights.
             warnings.filterwarnings("ignore", message=".*not writable.*")
             state = {k: torch.from_numpy(np.asarray(a)) for k, a in arrays.items()}
-        models.append(build_teacher(entry, info, state, f"numpy payload teacher {i}"))
+        model = build_teacher(entry, info, state, f"numpy payload teacher {i}")
+        if torch.device(device).type == "cpu":
+            model.load_state_dict(state, assign=True)
+        models.append(model)
     archs = [t.arch for t in manifest.teachers]
     raw = manifest.model_dump(mode="json")
     mode = payload.get("mode", "auto")

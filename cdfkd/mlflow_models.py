@@ -1,0 +1,232 @@
+"""The student as an MLflow model: a serving wrapper, logging, the Model Registry and loading back.
+
+Students are logged in MLflow's ``pt2`` format (``torch.export``: no pickle, so loading
+runs no code from the artifact store) with a **dynamic batch dimension**: the input
+example has two images, because ``torch.export`` fixes a dimension of size 1. The
+logged module is ``ServingStudent``: it returns (B, C) logits, the mean over headers for
+multi-header students (whose own forward returns (H, B, C)), the same prediction
+``Method.predict`` evaluates. Loading gives a ``torch.fx.GraphModule``, not the training
+class; call it on (B, C, H, W) float tensors normalised like the dataset.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cdfkd.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ServingStudent(nn.Module):
+    """A student for serving: (B, C, H, W) images -> (B, C) logits, averaged over headers."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.student(x)
+        return logits.mean(0) if logits.dim() == 3 else logits
+
+
+def serving_module(student: nn.Module) -> nn.Module:
+    """A CPU, eval-mode copy of ``student`` in ``ServingStudent`` (the trained one is untouched)."""
+    if isinstance(student, ServingStudent):
+        student = student.student
+    return ServingStudent(copy.deepcopy(student).to("cpu").eval()).eval()
+
+
+def example_batch(images: torch.Tensor) -> np.ndarray:
+    """Two float32 images (2, C, H, W): a batch of 1 would freeze the exported batch size."""
+    x = images.detach().to("cpu", torch.float32)
+    if x.dim() != 4:
+        raise ValueError(f"input example must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+    return x[:1].repeat(2, 1, 1, 1).numpy() if x.shape[0] < 2 else x[:2].contiguous().numpy()
+
+
+def save_program(module: nn.Module, example: np.ndarray, program: Path, example_path: Path) -> None:
+    """``torch.export`` ``module`` with a dynamic batch to ``program``; the example as .npy."""
+    from torch.export import Dim
+
+    ep = torch.export.export(module, (torch.from_numpy(example),), dynamic_shapes=({0: Dim.AUTO},))
+    torch.export.save(ep, str(program))
+    np.save(example_path, example)
+
+
+def load_program(program: Path, example_path: Path) -> tuple[nn.Module, np.ndarray]:
+    return torch.export.load(str(program)).module(), np.load(example_path)
+
+
+def _requirements() -> list[str]:
+    import mlflow
+
+    # Given, not inferred: MLflow's inference re-imports the model in a subprocess (~10 s).
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+
+
+def log_student(
+    client,
+    tracking_uri: str,
+    experiment_id: str,
+    run_id: str,
+    module: nn.Module,
+    example: np.ndarray,
+    name: str = "student",
+) -> str:
+    """Log ``module`` as a ``pt2`` model of run ``run_id``; returns its ``models:/m-<id>`` URI."""
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.types import Schema, TensorSpec
+
+    with torch.no_grad():
+        num_classes = module(torch.from_numpy(example)).shape[-1]
+    f32 = np.dtype(np.float32)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(f32, (-1, *example.shape[1:]), name="images")]),
+        outputs=Schema([TensorSpec(f32, (-1, num_classes), name="logits")]),
+    )
+    # The logged model is created here, in the run's experiment: MLflow's fluent call
+    # would put it in the process's active experiment (the Default one in a trial).
+    model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
+    try:
+        with _use_tracking_uri(tracking_uri):
+            info = mlflow.pytorch.log_model(
+                module,
+                name=name,
+                input_example=example,
+                signature=signature,
+                run_id=run_id,
+                model_id=model.model_id,
+                serialization_format="pt2",
+                pip_requirements=_requirements(),
+                # Serving validation reloads the model in-process (seconds); tests load it instead.
+                validate_serving_input=False,
+            )
+    except Exception:
+        try:
+            client.delete_logged_model(model.model_id)  # no half-uploaded model left behind
+        except Exception as err:  # the server may be the reason we are here
+            log.debug("could not delete the unfinished logged model %s: %s", model.model_id, err)
+        raise
+    return info.model_uri
+
+
+def student_from_run_dir(run_dir: str | Path) -> tuple[nn.Module, tuple[int, int, int]]:
+    """A finished run's student from ``config.yaml`` + ``student.pt`` and its input shape (C, H, W).
+
+    Class count and input shape come from the run's teacher ensemble manifest.
+    """
+    import yaml
+
+    from cdfkd.config import build_config
+    from cdfkd.models import create_student
+    from cdfkd.teachers import read_manifest
+
+    run = Path(run_dir)
+    cfg_path, weights = run / "config.yaml", run / "student.pt"
+    for path in (cfg_path, weights):
+        if not path.is_file():
+            raise ConfigError(f"{run} holds no finished run: {path.name} is missing")
+    cfg = build_config(yaml.safe_load(cfg_path.read_text()) or {}, source=str(cfg_path))
+    info = read_manifest(cfg.teachers.path).info()
+    s = cfg.student
+    student = create_student(
+        s.arch,
+        num_classes=info.num_classes,
+        in_channels=info.channels,
+        image_size=info.image_size,
+        family=s.family,
+        headers=s.headers,
+        fuse_from=s.fuse_from,
+        share_until=s.share_until,
+        header_width=s.header_width,
+    )
+    student.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return student.eval(), (info.channels, info.image_size, info.image_size)
+
+
+def log_run_student(
+    client, tracking_uri: str, experiment_id: str, run_id: str, run_dir: str | Path
+) -> str:
+    """Log a run folder's student into run ``run_id`` (one that logged none); returns its URI."""
+    student, shape = student_from_run_dir(run_dir)
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).numpy()
+    return log_student(
+        client, tracking_uri, experiment_id, run_id, serving_module(student), example
+    )
+
+
+def register_student(
+    model_uri: str,
+    name: str,
+    *,
+    tracking_uri: str,
+    run_id: str | None = None,
+    tags: dict | None = None,
+    alias: str | None = None,
+) -> str:
+    """Register ``model_uri`` as a version of ``name``; an earlier one of the run is reused."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = None
+    if run_id is not None and client.search_registered_models(f"name = '{name}'"):
+        # A resumed sweep registers again: the same run keeps its one version.
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        version = found[0].version if found else None
+    if version is None:
+        with _use_tracking_uri(tracking_uri):
+            version = mlflow.register_model(model_uri, name, tags=tags).version
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+def load_registered_student(
+    name: str, version: str | int = "latest", tracking_uri: str | None = None
+) -> nn.Module:
+    """A registered student, ready to predict: ``model(x)`` -> (B, C) logits for any batch size.
+
+    ``version``: "latest" (highest number), a number, or an alias ("best", "pareto-0").
+    ``tracking_uri``: as for every cdfkd run (None: $MLFLOW_TRACKING_URI or ./mlflow.db).
+    """
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from cdfkd.mlflow_tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise ConfigError(
+            f"no registered model {name!r} at {uri}; registered: {', '.join(known) or 'none'}"
+        )
+    if str(version) == "latest":
+        version = max(int(v.version) for v in versions)
+    elif not str(version).isdigit():
+        try:
+            version = client.get_model_version_by_alias(name, str(version)).version
+        except MlflowException:
+            raise ConfigError(
+                f"model {name!r} has no alias {version!r}: use a version number or 'latest'"
+            ) from None
+    elif str(version) not in {str(v.version) for v in versions}:
+        raise ConfigError(
+            f"model {name!r} has no version {version}; versions: "
+            f"{', '.join(sorted((v.version for v in versions), key=int))}"
+        )
+    with _use_tracking_uri(uri):
+        return mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu")
