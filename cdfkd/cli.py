@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 log = logging.getLogger("cdfkd")
@@ -66,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
+    # MLflow announces database migrations and runs at INFO on stderr; keep the
+    # command's own output readable unless -v asks for more.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -152,6 +156,11 @@ def _teachers(sub: _Subparsers) -> None:
     t.add_argument("--no-download", action="store_true", help="never download datasets")
     t.add_argument("--overwrite", action="store_true", help="replace an ensemble already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--ray", action="store_true",
+                   help="train the N teachers as parallel Ray tasks (local Ray, or --address)")
+    t.add_argument("--address", default=None, help="with --ray: join this Ray cluster (auto or HOST:PORT)")
+    t.add_argument("--cpus-per-teacher", type=float, default=1.0, help="with --ray (default 1)")
+    t.add_argument("--gpus-per-teacher", type=float, default=0.0, help="with --ray (default 0)")
     _add_device(t)
     t.set_defaults(func=_teachers_train)
 
@@ -212,15 +221,13 @@ def _teachers_train(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        manifest = train_ensemble(
-            cfg,
-            args.out,
-            device,
-            data_root=args.data_root,
-            download=not args.no_download,
-            progress=progress,
-            overwrite=args.overwrite,
-        )
+        if args.ray:
+            manifest = _train_with_ray(args, cfg, bar)
+        else:
+            manifest = train_ensemble(
+                cfg, args.out, device, data_root=args.data_root, download=not args.no_download,
+                progress=progress, overwrite=args.overwrite,
+            )
     finally:
         bar.close()
     rows = [
@@ -231,6 +238,27 @@ def _teachers_train(args: argparse.Namespace) -> int:
     print(f"ensemble (mean logits): {_pct(manifest['ensemble_accuracy'])} %")
     print(f"wrote {args.out}/ensemble.json in {time.perf_counter() - t0:.1f} s on {device}")
     return 0
+
+
+def _train_with_ray(args: argparse.Namespace, cfg, bar) -> dict:
+    # The Ray layer sits above the library; it is imported only for --ray.
+    import ray
+
+    from cdfkd.teachers import EnsembleError
+    from cdfkd.tune.actors import train_ensemble_ray
+    from cdfkd.tune.run import connect_ray
+
+    if (Path(args.out) / "ensemble.json").exists() and not args.overwrite:
+        raise EnsembleError(f"{args.out} already holds an ensemble: choose another --out or --overwrite")
+    connect_ray(args.address)
+    try:
+        return train_ensemble_ray(
+            cfg, args.out, data_root=args.data_root, cpus_per_teacher=args.cpus_per_teacher,
+            gpus_per_teacher=args.gpus_per_teacher,
+            progress=lambda line: (bar.update(cfg.epochs), bar.write(line, file=sys.stderr)),
+        )
+    finally:
+        ray.shutdown()
 
 
 def _teachers_eval(args: argparse.Namespace) -> int:

@@ -188,7 +188,8 @@ def run(
     if resume:
         method.load_state_dict(load_checkpoint(ckpt_path))
         log.info("resumed %s at step %d", out, method.step_count)
-    else:
+    if not resume or not (out / "config.yaml").exists():
+        # A trial resumed in a new Ray session starts from an empty folder.
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     logger.log_params(flatten(cfg.to_dict()))
     logger.set_tags({"method": cfg.method.name, "dataset": d.name, "reference": cfg.reference.kind})

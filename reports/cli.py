@@ -92,4 +92,8 @@ def _run_report(args: argparse.Namespace) -> int:
     print(f"wrote {len(paths)} files ({pngs} images) to {Path(args.out)}")
     print(f"open {index.as_uri()} in a browser (no server needed)")
     print(f"tables: {Path(args.out) / 'comparison.csv'}, best.csv, importances.csv, runs.csv")
+    from cdfkd.mlflow_tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    print(f"MLflow UI on these runs: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
     return 0

@@ -1,3 +1,4 @@
+import io
 import os
 
 import pytest
@@ -15,14 +16,43 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def digits_ensemble(tmp_path_factory):
-    """Folder of 3 lenet5 digits teachers (3 Adam epochs each, ~97 % test accuracy), built once."""
+def roundtrip():
+    """``roundtrip(state_dict)``: through bytes and back with ``weights_only=True``, as the
+    training loop reads a checkpoint."""
+
+    def through_bytes(sd: dict) -> dict:
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        return torch.load(buf, map_location="cpu", weights_only=True)
+
+    return through_bytes
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    """``load_dataset("digits", augment=False)``: (train, test, info), loaded once."""
     from cdfkd.data import load_dataset
+
+    return load_dataset("digits", augment=False)
+
+
+@pytest.fixture(scope="session")
+def digits_augmented():
+    """``load_dataset("digits")``: (train with augmentation, test, info), loaded once."""
+    from cdfkd.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_ensemble(tmp_path_factory, digits_data):
+    """Folder of 3 lenet5 digits teachers (3 Adam epochs each, ~97 % test accuracy), built once."""
     from cdfkd.metrics import evaluate_headers
     from cdfkd.models import create_model
     from cdfkd.teachers import TeacherEnsemble, save_ensemble
 
-    train, test, info = load_dataset("digits", augment=False)
+    train, test, info = digits_data
     x = torch.stack([train[i][0] for i in range(len(train))])
     y = torch.tensor([train[i][1] for i in range(len(train))])
     loader = torch.utils.data.DataLoader(test, batch_size=512)
@@ -39,8 +69,27 @@ def digits_ensemble(tmp_path_factory):
                 opt.step()
         models.append(model.eval())
     archs = ["lenet5"] * 3
-    ev = evaluate_headers(TeacherEnsemble(models, info, archs, mode="loop"), loader, torch.device("cpu"))
+    ev = evaluate_headers(
+        TeacherEnsemble(models, info, archs, mode="loop"), loader, torch.device("cpu")
+    )
     out = tmp_path_factory.mktemp("teachers") / "digits-lenet5"
-    save_ensemble(models, out, info, archs, seeds=[0, 1, 2], test_accuracies=ev["header_accuracy"],
-                  ensemble_accuracy=ev["accuracy"], dataset="digits")
+    save_ensemble(
+        models,
+        out,
+        info,
+        archs,
+        seeds=[0, 1, 2],
+        test_accuracies=ev["header_accuracy"],
+        ensemble_accuracy=ev["accuracy"],
+        dataset="digits",
+    )
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_teachers(digits_ensemble):
+    """The ``digits_ensemble`` teachers as one frozen loop-mode ``TeacherEnsemble`` on CPU
+    (loop: the path that runs BN hooks). Shared by every test: use it, never change it."""
+    from cdfkd.teachers import load_ensemble
+
+    return load_ensemble(digits_ensemble, "cpu", mode="loop")

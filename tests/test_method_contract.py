@@ -10,14 +10,14 @@ whether or not it is evaluated in between.
 
 from __future__ import annotations
 
-import io
+import copy
 
 import pytest
 import torch
+from torch import nn
 
 from cdfkd.config import build_config
-from cdfkd.data import load_dataset
-from cdfkd.methods import create_method, list_methods
+from cdfkd.methods import METHODS, create_method, list_methods
 from cdfkd.models import create_model
 from cdfkd.teachers import TeacherEnsemble
 
@@ -32,8 +32,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    train, test, info = load_dataset("digits")
+def digits(digits_augmented):
+    train, test, info = digits_augmented
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test, range(64)), batch_size=32)
     return train, loader, info
 
@@ -49,9 +49,9 @@ def teachers(digits):
     return TeacherEnsemble(models, info, ["lenet5"] * NUM_TEACHERS, mode="loop")
 
 
-def _config(name: str, student: str):
+def _config(name: str, student: str, **method):
     raw = {
-        "method": {"name": name},
+        "method": {"name": name, **method},
         "teachers": {"path": "in-memory"},
         "student": STUDENTS[student],
         "generator": {"nz": 16, "width": 16},
@@ -60,9 +60,9 @@ def _config(name: str, student: str):
     return build_config(raw, source=f"contract:{name}")
 
 
-def _build(name: str, student: str, teachers, digits):
+def _build(name: str, student: str, teachers, digits, **method):
     train, _, info = digits
-    return create_method(_config(name, student), teachers, info, CPU, train_data=train)
+    return create_method(_config(name, student, **method), teachers, info, CPU, train_data=train)
 
 
 def _run(method, steps: int, between=None) -> list[dict[str, torch.Tensor]]:
@@ -72,14 +72,6 @@ def _run(method, steps: int, between=None) -> list[dict[str, torch.Tensor]]:
         if between is not None:
             between(method)
     return out
-
-
-def _checkpoint(method) -> dict:
-    # Through bytes and back with weights_only=True, as the training loop reads it.
-    buf = io.BytesIO()
-    torch.save(method.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf, map_location="cpu", weights_only=True)
 
 
 def _trainable_state(method) -> dict[str, torch.Tensor]:
@@ -103,11 +95,12 @@ def _assert_same_run(a: list[dict], b: list[dict], state_a: dict, state_b: dict)
 def test_builtin_methods_are_registered():
     builtin = {"cgdd", "cdfkd_mfs", "cdfkd", "dafl", "dfad", "deepinversion", "kd_real"}
     assert builtin <= set(list_methods())
+    assert {"cgdd", "cdfkd_mfs", "deepinversion"} <= set(BN_PRIOR_METHODS)
 
 
 @pytest.mark.parametrize("student", sorted(STUDENTS))
 @pytest.mark.parametrize("name", list_methods())
-def test_method_contract(name, student, teachers, digits):
+def test_method_contract(name, student, teachers, digits, roundtrip):
     _, loader, info = digits
     method = _build(name, student, teachers, digits)
     assert method.name == name and method.mcfg.name == name
@@ -135,7 +128,7 @@ def test_method_contract(name, student, teachers, digits):
     assert ncol >= 1 and (images.numel() == 0 or images.shape[1:] == x.shape[1:])
 
     # Exact resume: checkpoint -> fresh method -> load -> continue == uninterrupted.
-    sd = _checkpoint(method)
+    sd = roundtrip(method.state_dict())
     straight = _run(method, STEPS)
     resumed_method = _build(name, student, teachers, digits)
     resumed_method.load_state_dict(sd)
@@ -169,3 +162,30 @@ def test_checkpoint_of_another_method_is_refused(name, teachers, digits):
     sd["method"] = "not-" + name
     with pytest.raises(ValueError, match="checkpoint was written by method"):
         method.load_state_dict(sd)
+
+
+BN_PRIOR_METHODS = [n for n in list_methods() if METHODS.get(n).bn_prior_weight]
+
+
+def _without_batchnorm(teachers) -> TeacherEnsemble:
+    """A copy of the ensemble whose last teacher has every BatchNorm replaced by Identity."""
+    models = [copy.deepcopy(t) for t in teachers.teachers]
+    for module in list(models[-1].modules()):
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, child_name, nn.Identity())
+    return TeacherEnsemble(models, teachers.info, list(teachers.archs), mode="loop")
+
+
+@pytest.mark.parametrize("name", BN_PRIOR_METHODS)
+def test_bn_prior_refuses_teachers_without_batchnorm(name, teachers, digits):
+    weight = METHODS.get(name).bn_prior_weight
+    no_bn = _without_batchnorm(teachers)
+    assert len(no_bn.bn_layers()[-1]) == 0 and len(no_bn.bn_layers()[0]) > 0
+    with pytest.raises(ValueError, match=f"set method.{weight}=0") as err:
+        _build(name, "single", no_bn, digits)
+    assert f"{weight} > 0 but a teacher has no BatchNorm layers" in str(err.value)
+    # With the prior off, the same teachers train: no "bn" term, finite losses.
+    losses = _build(name, "single", no_bn, digits, **{weight: 0.0}).step()
+    assert "bn" not in losses
+    assert all(torch.isfinite(v) for v in losses.values())

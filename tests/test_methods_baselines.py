@@ -1,4 +1,5 @@
-"""DAFL, DFAD and KD with real data on 3 quickly trained lenet5 digit teachers.
+"""DAFL, DFAD and KD with real data on 3 quickly trained lenet5 digit teachers
+(the session's ``digits_teachers``).
 
 Numbers, not smoke: the student loss falls, DFAD's generator really plays
 against the student (non-zero gradient, ``L_G = -L1(s, t)``), DAFL's entropy
@@ -9,52 +10,27 @@ augmentation on.
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cdfkd.config import build_config
-from cdfkd.data import load_dataset
 from cdfkd.losses import l1_logits
 from cdfkd.methods import create_method
 from cdfkd.methods.base import teacher_targets
-from cdfkd.models import create_model
-from cdfkd.teachers import TeacherEnsemble
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")  # train (augmented), test, info
+def digits(digits_augmented):
+    return digits_augmented  # train (augmented: kd_real trains on it), test, info
 
 
 @pytest.fixture(scope="module")
-def teachers(digits):
-    """3 lenet5 teachers, 3 epochs of Adam on digits each (~2 s; ~95-98 % test accuracy)."""
-    train, _, info = digits
-    plain, _, _ = load_dataset("digits", augment=False)
-    x = torch.stack([plain[i][0] for i in range(len(plain))])
-    y = torch.tensor(plain.targets)
-    models = []
-    for k in range(3):
-        torch.manual_seed(k)
-        g = torch.Generator().manual_seed(k)
-        model = create_model("lenet5", info.num_classes, info.channels, info.image_size)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(3):
-            perm = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), 64):
-                idx = perm[i : i + 64]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        models.append(model.eval())
-    return TeacherEnsemble(models, info, ["lenet5"] * 3, mode="loop")
+def teachers(digits_teachers):
+    return digits_teachers
 
 
 def _method(name, teachers, digits, steps, batch=32, **method):
@@ -163,15 +139,12 @@ def test_kd_real_beats_an_untrained_student(teachers, digits):
     assert trained >= 0.8, trained
 
 
-def test_kd_real_resumes_exactly(teachers, digits):
+def test_kd_real_resumes_exactly(teachers, digits, roundtrip):
     # 1437 training images at batch 200: the 8th batch crosses an epoch boundary.
     a = _method("kd_real", teachers, digits, steps=10, batch=200, beta=0.5)
     for _ in range(5):
         a.step()
-    buf = io.BytesIO()
-    torch.save(a.state_dict(), buf)
-    buf.seek(0)
-    sd = torch.load(buf, weights_only=True)
+    sd = roundtrip(a.state_dict())
     torch.manual_seed(123)  # the global stream must not matter
     straight = [a.step() for _ in range(5)]
     b = _method("kd_real", teachers, digits, steps=10, batch=200, beta=0.5)

@@ -1,4 +1,5 @@
-"""CGDD and the DeepInversion-style baseline on 3 quickly trained lenet5 digit teachers.
+"""CGDD and the DeepInversion-style baseline on 3 quickly trained lenet5 digit teachers
+(the session's ``digits_teachers``: 3 Adam epochs each, ~95-98 % test accuracy).
 
 Numbers, not smoke: CGDD's conditional generator learns to draw the class it
 is asked for, the student loss falls, resume is exact (single- and
@@ -9,48 +10,23 @@ unknown keys and negative weights.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cdfkd.config import ConfigError, build_config
-from cdfkd.data import load_dataset
 from cdfkd.methods import create_method
-from cdfkd.models import create_model
-from cdfkd.teachers import TeacherEnsemble
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")  # train (augmented), test, info
+def digits(digits_data):
+    return digits_data  # train, test, info (only info is used)
 
 
 @pytest.fixture(scope="module")
-def teachers(digits):
-    """3 lenet5 teachers, 3 epochs of Adam on digits each (~2 s; ~95-98 % test accuracy)."""
-    plain, _, info = load_dataset("digits", augment=False)
-    x = torch.stack([plain[i][0] for i in range(len(plain))])
-    y = torch.tensor(plain.targets)
-    models = []
-    for k in range(3):
-        torch.manual_seed(k)
-        g = torch.Generator().manual_seed(k)
-        model = create_model("lenet5", info.num_classes, info.channels, info.image_size)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(3):
-            perm = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), 64):
-                idx = perm[i : i + 64]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        models.append(model.eval())
-    return TeacherEnsemble(models, info, ["lenet5"] * 3, mode="loop")
+def teachers(digits_teachers):
+    return digits_teachers
 
 
 def _cfg(name, steps, batch=32, student=None, g_lr=1e-3, **method):
@@ -107,13 +83,6 @@ def test_default_stage_pairs_skip_one_pixel_maps(teachers, digits):
     assert method.at_pairs == [(-3, -3), (-2, -2)]
 
 
-def _roundtrip(sd: dict) -> dict:
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 RESUME_CASES = {
     "cgdd": dict(w_adv=0.5, student_steps=2),
     "cgdd_multiheader": dict(
@@ -126,7 +95,7 @@ RESUME_CASES = {
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_resume_equals_uninterrupted_run(case, teachers, digits):
+def test_resume_equals_uninterrupted_run(case, teachers, digits, roundtrip):
     kw = dict(RESUME_CASES[case])
     name = "deepinversion" if case == "deepinversion" else "cgdd"
     steps, cut = 4, 2
@@ -137,7 +106,7 @@ def test_resume_equals_uninterrupted_run(case, teachers, digits):
     first = _method(name, teachers, digits, steps, batch=16, **kw)
     for _ in range(cut):
         first.step()
-    sd = _roundtrip(first.state_dict())
+    sd = roundtrip(first.state_dict())
     torch.manual_seed(999)  # whatever happens to the global stream in between
     resumed = _method(name, teachers, digits, steps, batch=16, **kw)
     resumed.load_state_dict(sd)

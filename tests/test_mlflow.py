@@ -119,8 +119,6 @@ def _config(path: Path, teachers: Path, **tracking) -> Path:
 
 
 def _cli(*argv: str) -> int:
-    import cdfkd.cli_distill  # noqa: F401  (registers `distill`)
-    import cdfkd.cli_mlflow  # noqa: F401  (registers `mlflow`)
     from cdfkd.cli import main
 
     return main(list(argv))
@@ -246,6 +244,71 @@ def test_a_trial_whose_folder_was_lost_finds_its_run_by_trial_id(tmp_path, sqlit
     assert len(client.search_runs([parent.experiment_id])) == 3
     assert [m.value for m in client.get_metric_history(first.run_id, "m")] == [1.0, 2.0]
     assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+class _Recorder:
+    """A metric logger that keeps every call (and has ``log_model``, as MLflowLogger does)."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict]] = []
+        self.models: list[tuple[torch.nn.Module, torch.Tensor]] = []
+
+    def log_params(self, params: dict) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_artifact(self, path) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_model(self, model, input_example) -> None:
+        self.models.append((model, input_example))
+
+
+def test_run_hands_final_metrics_and_a_multi_header_student_to_the_logger(
+    tmp_path, digits_ensemble
+):
+    from cdfkd.config import build_config
+    from cdfkd.mlflow_models import (
+        example_batch,
+        load_program,
+        save_program,
+        serving_module,
+    )
+    from cdfkd.tracking import MultiLogger
+    from cdfkd.train import run
+
+    raw = yaml.safe_load(_config(tmp_path / "c.yaml", digits_ensemble).read_text())
+    raw["method"] = {"name": "cdfkd_mfs", "student_steps": 1}
+    raw["student"] = {"arch": "lenet5_half", "family": "mfs", "headers": 3}
+    raw["train"].update(steps=4, eval_every=2, checkpoint_every=2)
+    raw["aggregation"] = {"few_shot": 2, "epochs": 3}
+    rec = _Recorder()
+    result = run(build_config(raw), tmp_path / "run", logger=MultiLogger(rec))
+    step, final = rec.metrics[-1]
+    assert step == 4
+    assert final["student_params"] == result["student_params"]
+    assert final["student_macs"] == result["student_macs"]
+    assert final["wall_seconds"] == result["wall_seconds"]
+    assert final["student_accuracy"] == result["student_accuracy"]
+    assert [final[f"header_{i}_accuracy"] for i in range(3)] == result["header_accuracies"]
+    agg = result["aggregation"]
+    assert final["aggregation/averaging_accuracy"] == agg["averaging_accuracy"]
+    assert final["aggregation/aggregated_accuracy"] == agg["aggregated_accuracy"]
+    [(student, example)] = rec.models
+    assert example.shape[1:] == (1, 32, 32)
+    # Served: the mean of the 3 headers' logits, exported with a batch size of its own.
+    serving = serving_module(student)
+    x = example[:5]
+    with torch.no_grad():
+        want = student.eval()(x).mean(0)
+        torch.testing.assert_close(serving(x), want)
+    save_program(serving, example_batch(example), tmp_path / "s.pt2", tmp_path / "x.npy")
+    program, ex = load_program(tmp_path / "s.pt2", tmp_path / "x.npy")
+    assert ex.shape == (2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), want, rtol=1e-5, atol=1e-5)
+        assert program(x[:1]).shape == (1, 10)
 
 
 # ----------------------------------------------------------------------------- distill runs

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cdfkd.config import ConfigError
@@ -31,6 +32,8 @@ def _base(teachers: Path, data_root: Path, **train) -> dict:
 
 
 def _write_spec(path: Path, **fields) -> Path:
+    # MLflow has its own tests (test_mlflow.py); these sweeps test the Ray layer.
+    fields.setdefault("mlflow", {"enabled": False})
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return path
 
@@ -224,7 +227,19 @@ def test_two_node_cluster_places_trials_on_both_nodes(ray_env, digits_ensemble):
         import ray
 
         ray.shutdown()
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        _kill_processes_mentioning(str(temp))
+
+
+def _kill_processes_mentioning(text: str) -> None:
+    """Stop this test's Ray nodes only (`ray stop` would end every Ray on the machine)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def test_unreachable_cluster_is_refused_fast(ray_env):
@@ -236,3 +251,25 @@ def test_unreachable_cluster_is_refused_fast(ray_env):
     with pytest.raises(ConfigError, match="HOST:PORT"):
         connect_ray("no-port-here")
     assert time.time() - t0 < 30
+
+
+def test_teachers_train_in_parallel_ray_tasks_and_actor_evaluates(ray_env):
+    import ray
+
+    from cdfkd.teachers import TeacherTrainConfig, ensemble_to_numpy, load_ensemble
+    from cdfkd.tune.actors import TeacherEnsembleActor, train_ensemble_ray
+    from cdfkd.tune.run import connect_ray
+
+    connect_ray(None)
+    cfg = TeacherTrainConfig.for_dataset("digits", "lenet5", count=2, epochs=2)
+    lines: list[str] = []
+    manifest = train_ensemble_ray(cfg, ray_env / "ens", data_root=str(ray_env / "data"), progress=lines.append)
+    assert len(manifest["teachers"]) == 2 and len(lines) == 2
+    assert [t["seed"] for t in manifest["teachers"]] == [0, 1]
+    assert all(t["test_accuracy"] > 0.8 for t in manifest["teachers"])
+    ensemble = load_ensemble(ray_env / "ens", "cpu")  # hashes verified on load
+    actor = TeacherEnsembleActor.remote(ensemble_to_numpy(ensemble))
+    report = ray.get(actor.evaluate.remote(str(ray_env / "data")))
+    assert report["ensemble_accuracy"] == pytest.approx(manifest["ensemble_accuracy"])
+    x = torch.zeros(3, 1, 32, 32)
+    assert ray.get(actor.logits.remote(x.numpy())).shape == (2, 3, 10)

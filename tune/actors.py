@@ -72,7 +72,7 @@ def train_ensemble_ray(cfg, out_dir: str | Path, *, data_root: str = "data", cpu
         models, Path(out_dir), info, archs, seeds=[cfg.seed + i for i in range(cfg.count)],
         test_accuracies=ev["teacher_accuracies"], ensemble_accuracy=ev["ensemble_accuracy"],
         model_kwargs=cfg.model_kwargs, dataset=cfg.dataset,
-        config={**asdict(cfg), "data_root": str(data_root), "ray": True},
+        config={**asdict(cfg), "data_root": str(data_root), "ray": True}, overwrite=True,
     )
 
 

@@ -86,9 +86,8 @@ def _searcher(spec, base: dict, exp_dir: Path):
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
-    from ray.tune.search.optuna import OptunaSearch
 
-    from cdfkd.tune.space import DefineByRunSpace, make_sampler
+    from cdfkd.tune.space import DefineByRunSpace, ResumableOptunaSearch, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     obj = spec.objective
@@ -97,7 +96,7 @@ def _searcher(spec, base: dict, exp_dir: Path):
     exp_dir.mkdir(parents=True, exist_ok=True)
     # A journal file keeps the study (and the Pareto front) readable after the run.
     storage = JournalStorage(JournalFileBackend(str(exp_dir / "optuna.log")))
-    return OptunaSearch(
+    return ResumableOptunaSearch(
         DefineByRunSpace(spec.search, base), metric=metric, mode=mode,
         sampler=make_sampler(spec), study_name=spec.name, storage=storage,
         points_to_evaluate=spec.points_to_evaluate or None,

@@ -8,6 +8,7 @@ at its first snapshot).
 from __future__ import annotations
 
 import optuna
+from ray.tune.search.optuna import OptunaSearch
 
 from cdfkd.tune.spec import Param, SweepSpec, _conditions_met, sampling_order
 
@@ -47,3 +48,24 @@ def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     # does not launch more random trials than planned.
     startup = max(spec.max_concurrent_trials, min(10, max(2, spec.num_samples // 3)))
     return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup, multivariate=True)
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that tolerates results it has already told the study.
+
+    A driver killed after a trial finished in the Optuna journal but before
+    Tune's next experiment snapshot replays that completion on --resume; the
+    study already holds it, so telling it again must not end the sweep.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        try:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self._ot_trials.pop(trial_id, None)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import importlib
 
-from cdfkd.methods.base import METHODS, DistillMethod, create_method, list_methods, method_config_class
+from cdfkd.methods.base import (
+    METHODS,
+    DistillMethod,
+    create_method,
+    list_methods,
+    method_config_class,
+)
 
 # Importing a method module registers it; the registry key, the file name and
 # the config value are the same string.

@@ -18,7 +18,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from cdfkd.bn_hooks import BNStatsRecorder
 from cdfkd.config import ExperimentConfig, MethodConfig, OptimConfig
+from cdfkd.losses import bn_statistics, first_layer_rescale
+from cdfkd.models import FeatureOutput
 from cdfkd.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -52,7 +55,9 @@ def create_method(cfg: ExperimentConfig, teachers, info, device: torch.device, t
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -73,7 +78,49 @@ def teacher_targets(teacher_logits: torch.Tensor, num_headers: int) -> torch.Ten
         return teacher_logits
     if num_headers == 1:
         return teacher_logits.mean(0, keepdim=True)
-    raise ValueError(f"a student with {num_headers} headers needs 1 or {n} (= number of teachers) headers")
+    raise ValueError(
+        f"a student with {num_headers} headers needs 1 or {n} (= number of teachers) headers"
+    )
+
+
+class TeacherBNPrior:
+    """The BN-statistics prior over a teacher ensemble (DeepInversion; CDFKD-MFS):
+
+        (1/N) sum_i sum_l s_l (||rv_il - var_il||_2 + ||rm_il - mean_il||_2)
+
+    over teacher i's BatchNorm layers l, with ``s = [first_rescale, 1, 1, ...]`` per
+    teacher (:func:`cdfkd.losses.first_layer_rescale`). Built once by a method;
+    ``enabled=False`` (its weight is 0) skips the check and the hooks.
+    ``weight_name`` is the config field the refusal tells the user to set to 0.
+    """
+
+    def __init__(
+        self, teachers, first_rescale: float, weight_name: str, enabled: bool = True
+    ) -> None:
+        self.teachers = teachers
+        self.enabled = enabled
+        per_teacher = [[bn for _, bn in layers] for layers in teachers.bn_layers()]
+        if enabled and any(len(layers) == 0 for layers in per_teacher):
+            raise ValueError(
+                f"{weight_name} > 0 but a teacher has no BatchNorm layers: "
+                f"set method.{weight_name}=0"
+            )
+        self.layers = [bn for layers in per_teacher for bn in layers]
+        self.rescale = [
+            s for layers in per_teacher for s in first_layer_rescale(len(layers), first_rescale)
+        ]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher logits (N, B, C) on ``x`` and the prior () on that batch (None when
+        disabled). Both keep their graph to ``x``."""
+        if not self.enabled:
+            return self.teachers(x), None
+        # Hooks live only for this forward: every other teacher pass (the student
+        # steps') computes no statistics and stays hook-free.
+        with BNStatsRecorder(self.layers) as rec:
+            t = self.teachers(x)
+            prior = bn_statistics(*rec.statistics(), rescale=self.rescale)
+        return t, prior / self.teachers.num_teachers
 
 
 class DistillMethod(abc.ABC):
@@ -85,8 +132,13 @@ class DistillMethod(abc.ABC):
     generator_kind: ClassVar[str | None] = "dcgan"
     #: kd_real trains on the real training set.
     needs_real_data: ClassVar[bool] = False
+    #: the config field weighting the teachers' BN-statistics prior (with the config's
+    #: ``bn_first_rescale``): the method gets ``self.bn_prior``; None: no prior.
+    bn_prior_weight: ClassVar[str | None] = None
 
-    def __init__(self, cfg: ExperimentConfig, teachers, info, device: torch.device, train_data=None):
+    def __init__(
+        self, cfg: ExperimentConfig, teachers, info, device: torch.device, train_data=None
+    ):
         from cdfkd.generators import create_generator
         from cdfkd.models import create_student
 
@@ -125,11 +177,16 @@ class DistillMethod(abc.ABC):
         self.sched_g = None
         if self.generator_kind is not None:
             g = cfg.generator
-            self.generator = create_generator(
-                self.generator_kind, info, nz=g.nz, width=g.width
-            ).to(device)
+            generator = create_generator(self.generator_kind, info, nz=g.nz, width=g.width)
+            self.generator = generator.to(device)
             self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=g.lr, betas=g.betas)
             self.sched_g = build_schedule(self.opt_g, cfg.optim.schedule, cfg.train.steps)
+        self.bn_prior: TeacherBNPrior | None = None
+        if self.bn_prior_weight is not None:
+            weight = getattr(self.mcfg, self.bn_prior_weight)
+            self.bn_prior = TeacherBNPrior(
+                self.teachers, self.mcfg.bn_first_rescale, self.bn_prior_weight, enabled=weight > 0
+            )
         self.step_count = 0
 
     # -- hooks for subclasses -------------------------------------------------
@@ -158,7 +215,8 @@ class DistillMethod(abc.ABC):
         z = torch.randn(batch_size, self.cfg.generator.nz, generator=rng).to(self.device)
         y = None
         if self.generator_kind == "conditional":
-            y = torch.randint(0, self.info.num_classes, (batch_size,), generator=rng).to(self.device)
+            y = torch.randint(0, self.info.num_classes, (batch_size,), generator=rng)
+            y = y.to(self.device)
         return z, y
 
     def generate(self, batch_size: int, rng: torch.Generator | None = None):
@@ -171,6 +229,36 @@ class DistillMethod(abc.ABC):
         """Student logits as (H, B, C), also for single-header students."""
         out = self.student(x)
         return out if out.dim() == 3 else out.unsqueeze(0)
+
+    def student_features(self, x: torch.Tensor) -> FeatureOutput:
+        """Student features in per-header form, also for single-header students:
+        logits (H, B, C), stages (one list of maps per header), embedding (one (B, D_h)
+        tensor per header)."""
+        out = self.student(x, return_features=True)
+        if out.logits.dim() == 2:  # a plain model is its own single header
+            return FeatureOutput(out.logits.unsqueeze(0), [out.stages], [out.embedding])
+        return out
+
+    @torch.no_grad()
+    def fresh_batch(self, features: bool = False):
+        """A new generated batch for a student update, without gradients: ``(x, y, t)``,
+        images (B, C, H, W), preset labels (B,) or None, and the teachers' logits
+        (N, B, C) (their ``FeatureOutput`` when ``features``)."""
+        x, y = self.generate(self.cfg.train.batch_size)
+        return x, y, self.teachers(x, return_features=features)
+
+    def update_student(self, loss: torch.Tensor) -> None:
+        """One optimiser step of the student (and ``extra``) on ``loss``."""
+        zero_grad(self.opt_s)
+        loss.backward()
+        self.opt_s.step()
+
+    def update_generator(self, loss: torch.Tensor) -> None:
+        """One optimiser step of G on ``loss``. The backward reaches only G's parameters:
+        teachers are frozen, and student weight gradients would be thrown away."""
+        zero_grad(self.opt_g)
+        loss.backward(inputs=list(self.generator.parameters()))
+        self.opt_g.step()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,6 +365,11 @@ def zero_grad(*optimizers: torch.optim.Optimizer | None) -> None:
 
 def detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in losses.items()}
+
+
+def mean_losses(steps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per key, the mean over several updates' losses (keys of the first update)."""
+    return {k: torch.stack([step[k] for step in steps]).mean() for k in steps[0]}
 
 
 def finite_or_raise(name: str, value: float, step: int) -> None:

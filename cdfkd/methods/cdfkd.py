@@ -31,8 +31,15 @@ import torch
 from pydantic import Field
 
 from cdfkd.config import MethodConfig
-from cdfkd.losses import activation, information_entropy, kd_kl, one_hot
-from cdfkd.methods.base import DistillMethod, register_method, teacher_targets, zero_grad
+from cdfkd.losses import kd_kl
+from cdfkd.methods.base import (
+    DistillMethod,
+    detached,
+    mean_losses,
+    register_method,
+    teacher_targets,
+)
+from cdfkd.methods.dafl import dafl_generator_terms
 
 
 class CDFKDConfig(MethodConfig):
@@ -54,44 +61,33 @@ class CDFKD(DistillMethod):
         """One G update; returns its losses and the detached images and (N, B, C) teacher
         logits it used (taken before the update) for the student step on the same batch."""
         m = self.mcfg
-        zero_grad(self.opt_g)
         x, _ = self.generate(self.cfg.train.batch_size)
         out = self.teachers(x, return_features=True)
-        # Per teacher, then averaged: one_hot's row mean over (N, B) is exactly that;
-        # the entropy and activation terms are computed teacher by teacher.
-        loss_oh = one_hot(out.logits)
-        loss_ie = torch.stack([information_entropy(o) for o in out.logits]).mean()
-        loss_a = torch.stack([activation(f) for f in out.embedding]).mean()
-        loss = m.w_oh * loss_oh + m.w_ie * loss_ie + m.w_a * loss_a
-        loss.backward(inputs=list(self.generator.parameters()))
-        self.opt_g.step()
-        losses = {
-            "one_hot": loss_oh,
-            "information_entropy": loss_ie,
-            "activation": loss_a,
-            "generator": loss,
-        }
-        return {k: v.detach() for k, v in losses.items()}, x.detach(), out.logits.detach()
+        losses = dafl_generator_terms(out, per_teacher=True)
+        loss = (
+            m.w_oh * losses["one_hot"]
+            + m.w_ie * losses["information_entropy"]
+            + m.w_a * losses["activation"]
+        )
+        self.update_generator(loss)
+        losses["generator"] = loss
+        return detached(losses), x.detach(), out.logits.detach()
 
     def student_step(self, x: torch.Tensor | None = None, t: torch.Tensor | None = None):
         """One student update on (x, t), or on a fresh generated batch; detached losses."""
         m = self.mcfg
         if x is None:
-            with torch.no_grad():
-                x, _ = self.generate(self.cfg.train.batch_size)
-                t = self.teachers(x)
-        zero_grad(self.opt_s)
+            x, _, t = self.fresh_batch()
         s = self.student_logits(x)
         loss_head = kd_kl(s, teacher_targets(t, self.num_headers))
         loss_ens = kd_kl(s.mean(0), t.mean(0))
         loss = m.w_head * loss_head + m.w_ens * loss_ens
-        loss.backward()
-        self.opt_s.step()
-        return {"student_head": loss_head, "student_ens": loss_ens, "student": loss}
+        self.update_student(loss)
+        return detached({"student_head": loss_head, "student_ens": loss_ens, "student": loss})
 
     def train_step(self) -> dict[str, torch.Tensor]:
         losses, x, t = self.generator_step()
         steps = [self.student_step(x, t)]
         steps += [self.student_step() for _ in range(self.mcfg.student_steps - 1)]
-        losses.update({k: torch.stack([s[k] for s in steps]).mean().detach() for k in steps[0]})
+        losses.update(mean_losses(steps))
         return losses

@@ -30,17 +30,21 @@ first-BN x5).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from cdfkd.bn_hooks import BNStatsRecorder
 from cdfkd.config import MethodConfig
-from cdfkd.losses import bn_statistics, feature_l1, first_layer_rescale, l1_logits
-from cdfkd.methods.base import DistillMethod, register_method, teacher_targets, zero_grad
+from cdfkd.losses import feature_l1, l1_logits
+from cdfkd.methods.base import (
+    DistillMethod,
+    detached,
+    mean_losses,
+    register_method,
+    teacher_targets,
+)
 
 
 class CDFKDMFSConfig(MethodConfig):
@@ -65,6 +69,7 @@ def _headers(student: nn.Module) -> list[nn.Module]:
 class CDFKDMFS(DistillMethod):
     Config = CDFKDMFSConfig
     generator_kind = "dcgan"
+    bn_prior_weight = "lambda_bn"
 
     # -- structure -------------------------------------------------------------
     def feature_pairs(self) -> list[tuple[int, int]]:
@@ -96,24 +101,15 @@ class CDFKDMFS(DistillMethod):
         key = f"proj_{h}_{t}"
         return self.extra[key](f) if key in self.extra else f
 
-    def _student_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits (H, B, C) and one (B, D_h) embedding per header."""
-        out = self.student(x, return_features=True)
-        if out.logits.dim() == 2:  # a plain single-header model
-            return out.logits.unsqueeze(0), [out.embedding]
-        return out.logits, list(out.embedding)
-
     # -- one round -------------------------------------------------------------
     def student_step(self) -> dict[str, torch.Tensor]:
         """One student update on a fresh no-grad batch. Returns detached ``student_l1``,
         ``student_ens``, ``student_feat`` (when lambda_feat > 0) and their weighted sum
         ``student``."""
         m = self.mcfg
-        with torch.no_grad():
-            x, _ = self.generate(self.cfg.train.batch_size)
-            t_out = self.teachers(x, return_features=True)
-        zero_grad(self.opt_s)
-        s_logits, s_emb = self._student_forward(x)
+        x, _, t_out = self.fresh_batch(features=True)
+        s_out = self.student_features(x)
+        s_logits, s_emb = s_out.logits, s_out.embedding
         t_logits = t_out.logits
         loss_l1 = l1_logits(s_logits, teacher_targets(t_logits, self.num_headers))
         loss_ens = l1_logits(s_logits.mean(0), t_logits.mean(0))
@@ -128,52 +124,28 @@ class CDFKDMFS(DistillMethod):
             ).mean()
             loss = loss + m.lambda_feat * loss_feat
             losses["student_feat"] = loss_feat
-        loss.backward()
-        self.opt_s.step()
+        self.update_student(loss)
         losses["student"] = loss
-        return {k: v.detach() for k, v in losses.items()}
-
-    def _bn_prior(self, rec: BNStatsRecorder, counts: list[int]) -> torch.Tensor:
-        """Mean over teachers of each teacher's rescaled BN-statistics loss."""
-        means, variances, r_means, r_vars = rec.statistics()
-        terms, start = [], 0
-        for n in counts:
-            sl = slice(start, start + n)
-            rescale = first_layer_rescale(n, self.mcfg.bn_first_rescale)
-            terms.append(bn_statistics(means[sl], variances[sl], r_means[sl], r_vars[sl], rescale))
-            start += n
-        return torch.stack(terms).mean()
+        return detached(losses)
 
     def generator_step(self) -> dict[str, torch.Tensor]:
         """One G update. Returns detached ``adversarial`` (the per-header L1 it maximises),
         ``bn`` (when lambda_bn > 0) and the total ``generator`` loss."""
         m = self.mcfg
-        zero_grad(self.opt_g)
-        per_teacher = [[bn for _, bn in layers] for layers in self.teachers.bn_layers()]
-        use_bn = m.lambda_bn > 0
-        # Hooks live only for this forward (and only when the prior is on), so the
-        # student steps' teacher passes compute no statistics and stay hook-free.
-        layers = [bn for teacher in per_teacher for bn in teacher]
-        with BNStatsRecorder(layers) if use_bn else contextlib.nullcontext() as rec:
-            x, _ = self.generate(self.cfg.train.batch_size)
-            t_logits = self.teachers(x)  # not detached: G also learns through the teachers
-            adv = l1_logits(self.student_logits(x), teacher_targets(t_logits, self.num_headers))
-            loss = -m.w_adv * adv
-            losses = {"adversarial": adv}
-            if use_bn:
-                bn = self._bn_prior(rec, [len(teacher) for teacher in per_teacher])
-                loss = loss + m.lambda_bn * bn
-                losses["bn"] = bn
-            # One backward, into G's parameters only (teachers are frozen; student
-            # weight gradients would be thrown away).
-            loss.backward(inputs=list(self.generator.parameters()))
-        self.opt_g.step()
+        x, _ = self.generate(self.cfg.train.batch_size)
+        t_logits, bn = self.bn_prior(x)  # not detached: G also learns through the teachers
+        adv = l1_logits(self.student_logits(x), teacher_targets(t_logits, self.num_headers))
+        loss = -m.w_adv * adv
+        losses = {"adversarial": adv}
+        if bn is not None:
+            loss = loss + m.lambda_bn * bn
+            losses["bn"] = bn
+        self.update_generator(loss)
         losses["generator"] = loss
-        return {k: v.detach() for k, v in losses.items()}
+        return detached(losses)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """``student_steps`` student updates (their losses averaged), then one G update."""
-        steps = [self.student_step() for _ in range(self.mcfg.student_steps)]
-        losses = {k: torch.stack([s[k] for s in steps]).mean() for k in steps[0]}
+        losses = mean_losses([self.student_step() for _ in range(self.mcfg.student_steps)])
         losses.update(self.generator_step())
         return losses

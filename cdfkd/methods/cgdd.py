@@ -50,12 +50,9 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from cdfkd.bn_hooks import BNStatsRecorder
 from cdfkd.config import MethodConfig
 from cdfkd.losses import (
     adversarial_discrepancy,
-    bn_statistics,
-    first_layer_rescale,
     information_entropy,
     kd_kl,
     preset_label_ce,
@@ -66,7 +63,13 @@ from cdfkd.methods._attention_pairs import (
     probe_stage_shapes,
     validate_stage_pairs,
 )
-from cdfkd.methods.base import DistillMethod, register_method, teacher_targets, zero_grad
+from cdfkd.methods.base import (
+    DistillMethod,
+    detached,
+    mean_losses,
+    register_method,
+    teacher_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,19 +115,11 @@ class CGDD(DistillMethod):
 
     Config = CGDDConfig
     generator_kind = "conditional"
+    bn_prior_weight = "w_bn"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         m = self.mcfg
-        bn_per_teacher = self.teachers.bn_layers()
-        if m.w_bn > 0 and any(len(layers) == 0 for layers in bn_per_teacher):
-            raise ValueError("w_bn > 0 but a teacher has no BatchNorm layers: set method.w_bn=0")
-        self._bn_modules = [bn for layers in bn_per_teacher for _, bn in layers]
-        self._bn_rescale = [
-            s
-            for layers in bn_per_teacher
-            for s in first_layer_rescale(len(layers), m.bn_first_rescale)
-        ]
         self.at_pairs: list[tuple[int, int]] = []
         if m.gamma > 0 or m.at_stages is not None:
             shapes = probe_stage_shapes(
@@ -139,62 +134,37 @@ class CGDD(DistillMethod):
                         "cgdd: no stage pair with maps larger than 1x1; attention transfer is off"
                     )
 
-    def _bn_prior(self, rec: BNStatsRecorder) -> torch.Tensor:
-        """Sum over each teacher's BN layers (first one up-weighted), averaged over teachers."""
-        return (
-            bn_statistics(*rec.statistics(), rescale=self._bn_rescale) / self.teachers.num_teachers
-        )
-
     def generator_step(self) -> dict[str, torch.Tensor]:
         """One G update; returns ``generator`` (L_G) and its terms ``preset_ce``,
         ``information_entropy``, ``bn`` (if w_bn > 0), ``adversarial`` (D, if w_adv > 0)."""
         m = self.mcfg
-        zero_grad(self.opt_g)
         x, y = self.generate(self.cfg.train.batch_size)
-        losses = {}
-        if m.w_bn > 0:
-            # Hooks live only for this forward: the student steps' teacher passes cost nothing.
-            with BNStatsRecorder(self._bn_modules) as rec:
-                t = self.teachers(x)
-                losses["bn"] = self._bn_prior(rec)
-        else:
-            t = self.teachers(x)
+        t, bn = self.bn_prior(x)
+        losses = {} if bn is None else {"bn": bn}
         t_bar = t.mean(0)
         losses["preset_ce"] = preset_label_ce(t_bar, y)
         losses["information_entropy"] = information_entropy(t)
         loss_g = m.w_ce * losses["preset_ce"] + m.w_ie * losses["information_entropy"]
-        if m.w_bn > 0:
-            loss_g = loss_g + m.w_bn * losses["bn"]
+        if bn is not None:
+            loss_g = loss_g + m.w_bn * bn
         if m.w_adv > 0:
             # The student stays in train mode (as in DFAD/CDFKD-MFS): its BN tracks these images.
             s_bar = self.student_logits(x).mean(0)
             losses["adversarial"] = adversarial_discrepancy(s_bar, t_bar, m.adv_kind, m.temperature)
             loss_g = loss_g - m.w_adv * losses["adversarial"]
-        # Only G's parameters receive gradients (no student weight grads in this step).
-        loss_g.backward(inputs=list(self.generator.parameters()))
-        self.opt_g.step()
+        self.update_generator(loss_g)
         losses["generator"] = loss_g
-        return {k: v.detach() for k, v in losses.items()}
-
-    def _student_out(self, x: torch.Tensor, features: bool):
-        """Student logits (H, B, C) and stage maps per header (or None)."""
-        if not features:
-            return self.student_logits(x), None
-        out = self.student(x, return_features=True)
-        if out.logits.dim() == 2:
-            return out.logits.unsqueeze(0), [out.stages]
-        return out.logits, out.stages
+        return detached(losses)
 
     def student_step(self) -> dict[str, torch.Tensor]:
         """One student update on a fresh batch; returns ``student`` (L_S) and its terms
         ``kd``, ``student_ce``, ``attention`` (each only when its weight is > 0)."""
         m = self.mcfg
         use_at = m.gamma > 0 and bool(self.at_pairs)
-        with torch.no_grad():
-            x, y = self.generate(self.cfg.train.batch_size)
-            t_out = self.teachers(x, return_features=use_at)
+        x, y, t_out = self.fresh_batch(features=use_at)
         t = t_out.logits if use_at else t_out
-        s, s_stages = self._student_out(x, use_at)
+        s_out = self.student_features(x) if use_at else None
+        s = s_out.logits if use_at else self.student_logits(x)
         losses = {}
         loss = torch.zeros((), device=x.device)
         if m.alpha > 0:
@@ -204,18 +174,16 @@ class CGDD(DistillMethod):
             losses["student_ce"] = preset_label_ce(s, y.expand(s.shape[0], -1))
             loss = loss + m.beta * losses["student_ce"]
         if use_at:
-            losses["attention"] = ensemble_attention_transfer(s_stages, t_out.stages, self.at_pairs)
+            losses["attention"] = ensemble_attention_transfer(
+                s_out.stages, t_out.stages, self.at_pairs
+            )
             loss = loss + m.gamma * losses["attention"]
-        zero_grad(self.opt_s)
-        loss.backward()
-        self.opt_s.step()
+        self.update_student(loss)
         losses["student"] = loss
-        return {k: v.detach() for k, v in losses.items()}
+        return detached(losses)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """1 G update, then ``student_steps`` student updates (their losses averaged)."""
         losses = self.generator_step()
-        steps = [self.student_step() for _ in range(self.mcfg.student_steps)]
-        for key in steps[0]:
-            losses[key] = torch.stack([st[key] for st in steps]).mean()
+        losses.update(mean_losses([self.student_step() for _ in range(self.mcfg.student_steps)]))
         return losses

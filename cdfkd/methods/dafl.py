@@ -35,7 +35,8 @@ from pydantic import Field
 
 from cdfkd.config import MethodConfig
 from cdfkd.losses import activation, adversarial_discrepancy, information_entropy, kd_kl, one_hot
-from cdfkd.methods.base import DistillMethod, register_method, teacher_targets, zero_grad
+from cdfkd.methods.base import DistillMethod, detached, register_method, teacher_targets
+from cdfkd.models import FeatureOutput
 
 
 class DAFLConfig(MethodConfig):
@@ -49,6 +50,26 @@ class DAFLConfig(MethodConfig):
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="KD temperature")
 
 
+def dafl_generator_terms(out: FeatureOutput, per_teacher: bool = False) -> dict[str, torch.Tensor]:
+    """DAFL's generator terms on the teachers' outputs (logits (N, B, C), N embeddings):
+    ``one_hot``, ``information_entropy`` and ``activation`` (the mean over teachers of
+    ``-mean |f_i|``), each ``()``.
+
+    ``per_teacher=False`` (DAFL on an ensemble): one-hot and entropy of the ensemble's
+    mean logits. ``per_teacher=True`` (CDFKD): each teacher's one-hot and entropy,
+    averaged over teachers.
+    """
+    if per_teacher:
+        # one_hot's row mean over (N, B) is the mean of the per-teacher losses.
+        loss_oh = one_hot(out.logits)
+        loss_ie = torch.stack([information_entropy(o) for o in out.logits]).mean()
+    else:
+        t_mean = out.logits.mean(0)
+        loss_oh, loss_ie = one_hot(t_mean), information_entropy(t_mean)
+    loss_a = torch.stack([activation(f) for f in out.embedding]).mean()
+    return {"one_hot": loss_oh, "information_entropy": loss_ie, "activation": loss_a}
+
+
 @register_method("dafl")
 class DAFL(DistillMethod):
     Config = DAFLConfig
@@ -58,15 +79,14 @@ class DAFL(DistillMethod):
         """One G update. Returns the losses and the (detached) images and teacher
         logits ``(N, B, C)`` it used, taken before the update."""
         m = self.mcfg
-        zero_grad(self.opt_g)
         x, _ = self.generate(self.cfg.train.batch_size)
         out = self.teachers(x, return_features=True)
-        t_mean = out.logits.mean(0)
-        loss_oh = one_hot(t_mean)
-        loss_ie = information_entropy(t_mean)
-        loss_a = torch.stack([activation(f) for f in out.embedding]).mean()
-        loss_g = m.w_oh * loss_oh + m.w_ie * loss_ie + m.w_a * loss_a
-        losses = {"one_hot": loss_oh, "information_entropy": loss_ie, "activation": loss_a}
+        losses = dafl_generator_terms(out)
+        loss_g = (
+            m.w_oh * losses["one_hot"]
+            + m.w_ie * losses["information_entropy"]
+            + m.w_a * losses["activation"]
+        )
         if m.w_adv > 0:
             targets = teacher_targets(out.logits, self.num_headers)
             adv = adversarial_discrepancy(
@@ -74,11 +94,9 @@ class DAFL(DistillMethod):
             )
             loss_g = loss_g - m.w_adv * adv
             losses["adversarial"] = adv
-        # Only G's parameters receive gradients: no wasted student weight grads.
-        loss_g.backward(inputs=list(self.generator.parameters()))
-        self.opt_g.step()
+        self.update_generator(loss_g)
         losses["generator"] = loss_g
-        return {k: v.detach() for k, v in losses.items()}, x.detach(), out.logits.detach()
+        return detached(losses), x.detach(), out.logits.detach()
 
     def student_step(
         self, x: torch.Tensor | None = None, t: torch.Tensor | None = None
@@ -86,15 +104,11 @@ class DAFL(DistillMethod):
         """One student update on ``x`` with teacher logits ``t`` (both detached), or on a
         fresh generated batch when they are not given. Returns the KD loss (detached)."""
         if x is None:
-            with torch.no_grad():
-                x, _ = self.generate(self.cfg.train.batch_size)
-                t = self.teachers(x)
-        zero_grad(self.opt_s)
+            x, _, t = self.fresh_batch()
         loss = kd_kl(
             self.student_logits(x), teacher_targets(t, self.num_headers), self.mcfg.temperature
         )
-        loss.backward()
-        self.opt_s.step()
+        self.update_student(loss)
         return loss.detach()
 
     def train_step(self) -> dict[str, torch.Tensor]:

@@ -39,17 +39,9 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from cdfkd.bn_hooks import BNStatsRecorder
 from cdfkd.config import MethodConfig
-from cdfkd.losses import (
-    adversarial_discrepancy,
-    bn_statistics,
-    first_layer_rescale,
-    kd_kl,
-    preset_label_ce,
-    total_variation,
-)
-from cdfkd.methods.base import DistillMethod, register_method, teacher_targets, zero_grad
+from cdfkd.losses import adversarial_discrepancy, kd_kl, preset_label_ce, total_variation
+from cdfkd.methods.base import DistillMethod, detached, register_method, teacher_targets
 
 
 class DeepInversionConfig(MethodConfig):
@@ -83,62 +75,36 @@ class DeepInversionConfig(MethodConfig):
 class DeepInversion(DistillMethod):
     Config = DeepInversionConfig
     generator_kind = "conditional"
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        m = self.mcfg
-        bn_per_teacher = self.teachers.bn_layers()
-        if m.w_bn > 0 and any(len(layers) == 0 for layers in bn_per_teacher):
-            raise ValueError("w_bn > 0 but a teacher has no BatchNorm layers: set method.w_bn=0")
-        self._bn_modules = [bn for layers in bn_per_teacher for _, bn in layers]
-        self._bn_rescale = [
-            s
-            for layers in bn_per_teacher
-            for s in first_layer_rescale(len(layers), m.bn_first_rescale)
-        ]
+    bn_prior_weight = "w_bn"
 
     def generator_step(self) -> dict[str, torch.Tensor]:
         """One G update; returns ``generator`` (L_G) and its terms ``bn`` (if w_bn > 0),
         ``preset_ce``, ``total_variation``, ``adversarial`` (D, if w_adv > 0)."""
         m = self.mcfg
-        zero_grad(self.opt_g)
         x, y = self.generate(self.cfg.train.batch_size)
-        losses = {}
-        if m.w_bn > 0:
-            # Hooks live only for this forward: the student steps' teacher passes cost nothing.
-            with BNStatsRecorder(self._bn_modules) as rec:
-                t = self.teachers(x)
-                losses["bn"] = bn_statistics(*rec.statistics(), rescale=self._bn_rescale)
-            losses["bn"] = losses["bn"] / self.teachers.num_teachers
-        else:
-            t = self.teachers(x)
+        t, bn = self.bn_prior(x)
+        losses = {} if bn is None else {"bn": bn}
         losses["preset_ce"] = preset_label_ce(t, y.expand(t.shape[0], -1))
         losses["total_variation"] = total_variation(x, reduction="mean")
         loss_g = m.w_ce * losses["preset_ce"] + m.w_tv * losses["total_variation"]
-        if m.w_bn > 0:
-            loss_g = loss_g + m.w_bn * losses["bn"]
+        if bn is not None:
+            loss_g = loss_g + m.w_bn * bn
         if m.w_adv > 0:
             s_bar = self.student_logits(x).mean(0)
             losses["adversarial"] = adversarial_discrepancy(
                 s_bar, t.mean(0), m.adv_kind, m.temperature
             )
             loss_g = loss_g - m.w_adv * losses["adversarial"]
-        # Only G's parameters receive gradients (no student weight grads in this step).
-        loss_g.backward(inputs=list(self.generator.parameters()))
-        self.opt_g.step()
+        self.update_generator(loss_g)
         losses["generator"] = loss_g
-        return {k: v.detach() for k, v in losses.items()}
+        return detached(losses)
 
     def student_step(self) -> torch.Tensor:
         """One KD update on a fresh detached batch; returns the KD loss (detached)."""
-        with torch.no_grad():
-            x, _ = self.generate(self.cfg.train.batch_size)
-            t = self.teachers(x)
+        x, _, t = self.fresh_batch()
         s = self.student_logits(x)
         loss = kd_kl(s, teacher_targets(t, s.shape[0]), self.mcfg.temperature)
-        zero_grad(self.opt_s)
-        loss.backward()
-        self.opt_s.step()
+        self.update_student(loss)
         return loss.detach()
 
     def train_step(self) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from cdfkd.config import MethodConfig
 from cdfkd.losses import l1_logits
-from cdfkd.methods.base import DistillMethod, register_method, teacher_targets, zero_grad
+from cdfkd.methods.base import DistillMethod, register_method, teacher_targets
 
 
 class DFADConfig(MethodConfig):
@@ -43,26 +43,20 @@ class DFAD(DistillMethod):
 
     def student_step(self) -> torch.Tensor:
         """One student update on a fresh detached batch; returns L1(s, t) (detached)."""
-        with torch.no_grad():
-            x, _ = self.generate(self.cfg.train.batch_size)
-            t = teacher_targets(self.teachers(x), self.num_headers)
-        zero_grad(self.opt_s)
-        loss = l1_logits(self.student_logits(x), t)
-        loss.backward()
-        self.opt_s.step()
+        x, _, t = self.fresh_batch()
+        loss = l1_logits(self.student_logits(x), teacher_targets(t, self.num_headers))
+        self.update_student(loss)
         return loss.detach()
 
     def generator_step(self) -> dict[str, torch.Tensor]:
         """One G update maximising the student-teacher L1; returns
         ``{"generator": -w_adv * L1, "discrepancy": L1}`` (detached)."""
-        zero_grad(self.opt_g)
         x, _ = self.generate(self.cfg.train.batch_size)
         discrepancy = l1_logits(
             self.student_logits(x), teacher_targets(self.teachers(x), self.num_headers)
         )
         loss_g = -self.mcfg.w_adv * discrepancy
-        loss_g.backward(inputs=list(self.generator.parameters()))
-        self.opt_g.step()
+        self.update_generator(loss_g)
         return {"generator": loss_g.detach(), "discrepancy": discrepancy.detach()}
 
     def train_step(self) -> dict[str, torch.Tensor]:

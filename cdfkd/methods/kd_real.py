@@ -38,9 +38,9 @@ from cdfkd.losses import kd_kl, preset_label_ce
 from cdfkd.methods.base import (
     PROXY_SEED_OFFSET,
     DistillMethod,
+    mean_losses,
     register_method,
     teacher_targets,
-    zero_grad,
 )
 
 # Seed offset of the augmentation stream (any value apart from the proxy's).
@@ -100,18 +100,15 @@ class KDReal(DistillMethod):
         x, y, self._aug_state = self._load(idx, self._aug_state)
         with torch.no_grad():
             t = teacher_targets(self.teachers(x), self.num_headers)
-        zero_grad(self.opt_s)
         s = self.student_logits(x)
         loss_kd = kd_kl(s, t, m.temperature)
         loss_ce = preset_label_ce(s, y.expand(s.shape[0], -1))
         loss = m.alpha * loss_kd + m.beta * loss_ce
-        loss.backward()
-        self.opt_s.step()
+        self.update_student(loss)
         return {"student": loss.detach(), "kd": loss_kd.detach(), "ce": loss_ce.detach()}
 
     def train_step(self) -> dict[str, torch.Tensor]:
-        steps = [self.student_step() for _ in range(self.mcfg.student_steps)]
-        return {k: torch.stack([s[k] for s in steps]).mean() for k in steps[0]}
+        return mean_losses([self.student_step() for _ in range(self.mcfg.student_steps)])
 
     @torch.no_grad()
     def proxy_batches(self, num_batches: int, batch_size: int):
