@@ -265,7 +265,6 @@ def aggregate_run(run_dir, few_shot: int, device=None, data_root=None) -> dict:
 
     from cdfkd.config import ConfigError, build_config
     from cdfkd.data import load_dataset
-    from cdfkd.models import create_student
     from cdfkd.train import RESULT, resolve_device
 
     run = Path(run_dir)
@@ -289,17 +288,7 @@ def aggregate_run(run_dir, few_shot: int, device=None, data_root=None) -> dict:
         augment=False,
     )
     s = cfg.student
-    student = create_student(
-        s.arch,
-        num_classes=info.num_classes,
-        in_channels=info.channels,
-        image_size=info.image_size,
-        family=s.family,
-        headers=s.headers,
-        fuse_from=s.fuse_from,
-        share_until=s.share_until,
-        header_width=s.header_width,
-    )
+    student = s.build(info.num_classes, info.channels, info.image_size)
     student.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     student.to(device)
     test_loader = DataLoader(test_ds, batch_size=cfg.train.eval_batch_size, shuffle=False)

@@ -12,8 +12,8 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 log = logging.getLogger("cdfkd")
 
@@ -156,9 +156,14 @@ def _teachers(sub: _Subparsers) -> None:
     t.add_argument("--no-download", action="store_true", help="never download datasets")
     t.add_argument("--overwrite", action="store_true", help="replace an ensemble already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--ray", action="store_true",
-                   help="train the N teachers as parallel Ray tasks (local Ray, or --address)")
-    t.add_argument("--address", default=None, help="with --ray: join this Ray cluster (auto or HOST:PORT)")
+    t.add_argument(
+        "--ray",
+        action="store_true",
+        help="train the N teachers as parallel Ray tasks (local Ray, or --address)",
+    )
+    t.add_argument(
+        "--address", default=None, help="with --ray: join this Ray cluster (auto or HOST:PORT)"
+    )
     t.add_argument("--cpus-per-teacher", type=float, default=1.0, help="with --ray (default 1)")
     t.add_argument("--gpus-per-teacher", type=float, default=0.0, help="with --ray (default 0)")
     _add_device(t)
@@ -225,8 +230,13 @@ def _teachers_train(args: argparse.Namespace) -> int:
             manifest = _train_with_ray(args, cfg, bar)
         else:
             manifest = train_ensemble(
-                cfg, args.out, device, data_root=args.data_root, download=not args.no_download,
-                progress=progress, overwrite=args.overwrite,
+                cfg,
+                args.out,
+                device,
+                data_root=args.data_root,
+                download=not args.no_download,
+                progress=progress,
+                overwrite=args.overwrite,
             )
     finally:
         bar.close()
@@ -249,11 +259,16 @@ def _train_with_ray(args: argparse.Namespace, cfg, bar) -> dict:
     from cdfkd.tune.run import connect_ray
 
     if (Path(args.out) / "ensemble.json").exists() and not args.overwrite:
-        raise EnsembleError(f"{args.out} already holds an ensemble: choose another --out or --overwrite")
+        raise EnsembleError(
+            f"{args.out} already holds an ensemble: choose another --out or --overwrite"
+        )
     connect_ray(args.address)
     try:
         return train_ensemble_ray(
-            cfg, args.out, data_root=args.data_root, cpus_per_teacher=args.cpus_per_teacher,
+            cfg,
+            args.out,
+            data_root=args.data_root,
+            cpus_per_teacher=args.cpus_per_teacher,
             gpus_per_teacher=args.gpus_per_teacher,
             progress=lambda line: (bar.update(cfg.epochs), bar.write(line, file=sys.stderr)),
         )

@@ -18,12 +18,25 @@ def _distill(sub: _Subparsers) -> None:
         "samples.png, checkpoint.pt and student.pt.",
     )
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set method.alpha=0.5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set method.alpha=0.5 (repeatable)",
+    )
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--few-shot", type=int, default=None, metavar="M",
-                   help="train the header aggregation on M real labelled samples per class at the end")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its checkpoint"
+    )
+    p.add_argument(
+        "--few-shot",
+        type=int,
+        default=None,
+        metavar="M",
+        help="train the header aggregation on M real labelled samples per class at the end",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_distill)
 
@@ -41,8 +54,14 @@ def _run_distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     preflight(cfg)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    bar = tqdm(total=cfg.train.steps, desc=f"{cfg.method.name}", unit="step", file=sys.stderr,
-               disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.steps,
+        desc=f"{cfg.method.name}",
+        unit="step",
+        file=sys.stderr,
+        disable=args.no_progress,
+        dynamic_ncols=True,
+    )
     shown: dict = {}
 
     def on_progress(step: int, total: int, losses: dict) -> None:
@@ -60,8 +79,9 @@ def _run_distill(args: argparse.Namespace) -> int:
     mlf = _mlflow_logger(cfg, out) if cfg.tracking.enabled else None
     logger = MultiLogger(JsonlLogger(out), mlf)
     try:
-        result = run(cfg, out, logger=logger, resume=args.resume,
-                     on_progress=on_progress, on_eval=on_eval)
+        result = run(
+            cfg, out, logger=logger, resume=args.resume, on_progress=on_progress, on_eval=on_eval
+        )
     except KeyboardInterrupt:
         logger.close("KILLED")
         raise
@@ -72,14 +92,18 @@ def _run_distill(args: argparse.Namespace) -> int:
         bar.close()
     logger.close("FINISHED")
     ref = result["reference"]
-    print(f"{result['method']} on {result['dataset']}: student accuracy {_pct(result['student_accuracy'])} %, "
-          f"relative accuracy {_pct(result['relative_accuracy'])} % of {ref['kind']} ({_pct(ref['accuracy'])} %)")
+    print(
+        f"{result['method']} on {result['dataset']}: student accuracy {_pct(result['student_accuracy'])} %, "
+        f"relative accuracy {_pct(result['relative_accuracy'])} % of {ref['kind']} ({_pct(ref['accuracy'])} %)"
+    )
     if len(result["header_accuracies"]) > 1:
         print("headers: " + ", ".join(f"{_pct(a)} %" for a in result["header_accuracies"]))
     if "aggregation" in result:
         _print_aggregation(result["aggregation"])
-    print(f"proxy {result['proxy']:.4f}; {result['student_params']} params, {result['student_macs']} MACs; "
-          f"{result['steps']} steps in {result['wall_seconds']:.0f} s; wrote {out}/result.json")
+    print(
+        f"proxy {result['proxy']:.4f}; {result['student_params']} params, {result['student_macs']} MACs; "
+        f"{result['steps']} steps in {result['wall_seconds']:.0f} s; wrote {out}/result.json"
+    )
     if mlf is not None and mlf.run_id:
         print(f"MLflow run {mlf.run_id} in experiment {mlf.experiment} at {mlf.tracking_uri}")
     return 0
@@ -97,9 +121,13 @@ def _mlflow_logger(cfg, out: Path):
     t = cfg.tracking
     teachers_id = ensemble_id_of_dir(cfg.teachers.path)
     return MLflowLogger(
-        out, t.uri, t.experiment or DEFAULT_EXPERIMENT, run_name=t.run_name or out.name,
+        out,
+        t.uri,
+        t.experiment or DEFAULT_EXPERIMENT,
+        run_name=t.run_name or out.name,
         params={"teachers.ensemble_id": teachers_id} if teachers_id else None,
-        tags=standard_tags("distill", teachers_id), log_models=t.log_model,
+        tags=standard_tags("distill", teachers_id),
+        log_models=t.log_model,
     )
 
 
@@ -113,7 +141,13 @@ def _aggregate(sub: _Subparsers) -> None:
         "plain averaging on the test set; updates RUN_DIR/result.json.",
     )
     p.add_argument("run_dir", help="a finished `cdfkd distill` run folder")
-    p.add_argument("--few-shot", type=int, required=True, metavar="M", help="labelled samples per class (1-100)")
+    p.add_argument(
+        "--few-shot",
+        type=int,
+        required=True,
+        metavar="M",
+        help="labelled samples per class (1-100)",
+    )
     p.add_argument("--data-root", default=None, help="dataset root (default: the run's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the run's)")
     p.set_defaults(func=_run_aggregate)
@@ -125,7 +159,9 @@ def _run_aggregate(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "result.json").is_file():
-        raise ConfigError(f"{run_dir} holds no finished run (no result.json): run `cdfkd distill` first")
+        raise ConfigError(
+            f"{run_dir} holds no finished run (no result.json): run `cdfkd distill` first"
+        )
     agg = aggregate_run(run_dir, args.few_shot, device=args.device, data_root=args.data_root)
     _print_aggregation(agg)
     print(f"updated {run_dir}/result.json")
@@ -133,5 +169,7 @@ def _run_aggregate(args: argparse.Namespace) -> int:
 
 
 def _print_aggregation(agg: dict) -> None:
-    print(f"aggregation with {agg['few_shot']} samples/class (selection: {agg['selection']}): "
-          f"averaging {_pct(agg['averaging_accuracy'])} % -> attention {_pct(agg['aggregated_accuracy'])} %")
+    print(
+        f"aggregation with {agg['few_shot']} samples/class (selection: {agg['selection']}): "
+        f"averaging {_pct(agg['averaging_accuracy'])} % -> attention {_pct(agg['aggregated_accuracy'])} %"
+    )

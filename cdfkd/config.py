@@ -29,7 +29,9 @@ class DataConfig(_Strict):
     root: str = Field("data", description="dataset root folder")
     image_size: int | None = Field(None, ge=8, le=512, description="None: the dataset's default")
     download: bool = True
-    split_seed: int = Field(0, description="seed of datasets without a fixed split (digits, caltech101)")
+    split_seed: int = Field(
+        0, description="seed of datasets without a fixed split (digits, caltech101)"
+    )
 
 
 class TeacherConfig(_Strict):
@@ -45,10 +47,28 @@ class StudentConfig(_Strict):
     share_until: int | None = Field(None, description="branch: stages [0, share_until) are shared")
     header_width: float = Field(1.0, gt=0.0, le=4.0)
 
+    def build(self, num_classes: int, in_channels: int, image_size: int):
+        """The student this config describes (cdfkd.models.create_student)."""
+        from cdfkd.models import create_student
+
+        return create_student(
+            self.arch,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            family=self.family,
+            headers=self.headers,
+            fuse_from=self.fuse_from,
+            share_until=self.share_until,
+            header_width=self.header_width,
+        )
+
     @model_validator(mode="after")
     def _family_fields(self) -> StudentConfig:
         if self.family is None and self.headers != 1:
-            raise ValueError("headers > 1 needs a multi-header family: set student.family to mfs or branch")
+            raise ValueError(
+                "headers > 1 needs a multi-header family: set student.family to mfs or branch"
+            )
         if self.family != "mfs" and self.fuse_from is not None:
             raise ValueError("student.fuse_from only applies to family 'mfs'")
         if self.family != "branch" and self.share_until is not None:
@@ -85,13 +105,17 @@ class TrainConfig(_Strict):
 
 class ReferenceConfig(_Strict):
     kind: Literal["ensemble", "best_teacher", "kd_real"] = "ensemble"
-    result: str | None = Field(None, description="kd_real: path to the KD-with-real-data result.json")
+    result: str | None = Field(
+        None, description="kd_real: path to the KD-with-real-data result.json"
+    )
     name: str | None = Field(None, description="kd_real: a label for the reference in reports")
 
     @model_validator(mode="after")
     def _kd_real_needs_result(self) -> ReferenceConfig:
         if self.kind == "kd_real" and not self.result:
-            raise ValueError("reference.kind=kd_real needs reference.result: the result.json of a kd_real run")
+            raise ValueError(
+                "reference.kind=kd_real needs reference.result: the result.json of a kd_real run"
+            )
         return self
 
 
@@ -103,9 +127,15 @@ class AggregationConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    enabled: bool = Field(True, description="log to MLflow (records are buffered and replayed when it is down)")
-    uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI or ./mlflow.db")
-    experiment: str | None = Field(None, description="MLflow experiment; None: cdfkd-distill (sweeps: the sweep name)")
+    enabled: bool = Field(
+        True, description="log to MLflow (records are buffered and replayed when it is down)"
+    )
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI or ./mlflow.db"
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment; None: cdfkd-distill (sweeps: the sweep name)"
+    )
     run_name: str | None = None
     log_model: bool = Field(True, description="log the student with mlflow.pytorch.log_model")
 
@@ -172,7 +202,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     values = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (example: --set method.alpha=0.5)")
+            raise ConfigError(
+                f"override {item!r} is not key=value (example: --set method.alpha=0.5)"
+            )
         key, value = item.split("=", 1)
         values[key.strip()] = yaml.safe_load(value)
     return apply_values(raw, values)
@@ -181,7 +213,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def _format_errors(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        where = prefix + ".".join(str(p) for p in e["loc"]) if e["loc"] else prefix.rstrip(".") or "(top level)"
+        where = (
+            prefix + ".".join(str(p) for p in e["loc"])
+            if e["loc"]
+            else prefix.rstrip(".") or "(top level)"
+        )
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/ for examples)"
@@ -189,10 +225,14 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config") -> ExperimentConfig:
+def build_config(
+    raw: dict, overrides: list[str] | None = None, source: str = "config"
+) -> ExperimentConfig:
     """Validate a raw dict (plus overrides) into an ExperimentConfig or raise ConfigError."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(raw).__name__}"
+        )
     raw = apply_overrides(raw, overrides or [])
     problems = []
     method = raw.get("method")

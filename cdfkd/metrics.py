@@ -57,7 +57,9 @@ def relative_accuracy(student_accuracy: float, reference_accuracy: float) -> flo
     return student_accuracy / reference_accuracy
 
 
-def reference_accuracy(kind: str, manifest: dict, kd_real_result: dict | None = None) -> float | None:
+def reference_accuracy(
+    kind: str, manifest: dict, kd_real_result: dict | None = None
+) -> float | None:
     """The accuracy relative accuracy divides by, from an ensemble manifest or a kd_real result.
 
     None when the manifest does not record it (an ensemble saved without

@@ -127,7 +127,6 @@ def student_from_run_dir(run_dir: str | Path) -> tuple[nn.Module, tuple[int, int
     import yaml
 
     from cdfkd.config import build_config
-    from cdfkd.models import create_student
     from cdfkd.teachers import read_manifest
 
     run = Path(run_dir)
@@ -138,17 +137,7 @@ def student_from_run_dir(run_dir: str | Path) -> tuple[nn.Module, tuple[int, int
     cfg = build_config(yaml.safe_load(cfg_path.read_text()) or {}, source=str(cfg_path))
     info = read_manifest(cfg.teachers.path).info()
     s = cfg.student
-    student = create_student(
-        s.arch,
-        num_classes=info.num_classes,
-        in_channels=info.channels,
-        image_size=info.image_size,
-        family=s.family,
-        headers=s.headers,
-        fuse_from=s.fuse_from,
-        share_until=s.share_until,
-        header_width=s.header_width,
-    )
+    student = s.build(info.num_classes, info.channels, info.image_size)
     student.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return student.eval(), (info.channels, info.image_size, info.image_size)
 

@@ -39,7 +39,11 @@ def _loader(ds, batch_size: int, device: torch.device):
     # Its own generator: iterating a DataLoader otherwise draws a seed from the
     # global RNG, and evaluation must not shift what training draws next.
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=0, pin_memory=device.type == "cuda",
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0,
+        pin_memory=device.type == "cuda",
         generator=torch.Generator(),
     )
 
@@ -81,14 +85,17 @@ def preflight(cfg: ExperimentConfig, teachers=None) -> None:
     teachers' geometry or count cannot take, a missing kd_real reference) into
     one ConfigError.
     """
-    from cdfkd.models import create_student
     from cdfkd.teachers import read_manifest
 
     problems = []
     geometry = None
     if teachers is not None:
-        geometry = (teachers.info.channels, teachers.info.image_size, teachers.info.num_classes,
-                    teachers.num_teachers)
+        geometry = (
+            teachers.info.channels,
+            teachers.info.image_size,
+            teachers.info.num_classes,
+            teachers.num_teachers,
+        )
     else:
         try:
             m = read_manifest(cfg.teachers.path)
@@ -100,16 +107,18 @@ def preflight(cfg: ExperimentConfig, teachers=None) -> None:
         channels, size, classes, count = geometry
         s = cfg.student
         if s.headers not in (1, count):
-            problems.append(f"student.headers={s.headers}: with {count} teachers use 1 header or {count}")
+            problems.append(
+                f"student.headers={s.headers}: with {count} teachers use 1 header or {count}"
+            )
         else:
             try:
-                create_student(s.arch, num_classes=classes, in_channels=channels, image_size=size,
-                               family=s.family, headers=s.headers, fuse_from=s.fuse_from,
-                               share_until=s.share_until, header_width=s.header_width)
+                s.build(classes, channels, size)
             except (ValueError, KeyError) as err:
                 problems.append(f"student: {err.args[0] if err.args else err}")
     if cfg.reference.kind == "kd_real" and not Path(cfg.reference.result).is_file():
-        problems.append(f"reference.result: {cfg.reference.result} does not exist (run a kd_real distill first)")
+        problems.append(
+            f"reference.result: {cfg.reference.result} does not exist (run a kd_real distill first)"
+        )
     if problems:
         raise ConfigError("the config cannot run:\n" + "\n".join(f"  {p}" for p in problems))
 
@@ -143,7 +152,9 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not resume:
-        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+        )
     if resume and not ckpt_path.exists():
         raise ConfigError(f"--resume: no {CHECKPOINT} in {out}; run without --resume to start")
     t_start = time.time()
@@ -180,8 +191,14 @@ def run(
         # An ensemble saved without its accuracies: measure them on this test set.
         measured = evaluate_headers(teachers, test_loader, device)
         teacher_accs = measured["header_accuracy"]
-        manifest = {**manifest, "ensemble_accuracy": measured["accuracy"],
-                    "teachers": [{**t, "test_accuracy": a} for t, a in zip(manifest["teachers"], teacher_accs, strict=True)]}
+        manifest = {
+            **manifest,
+            "ensemble_accuracy": measured["accuracy"],
+            "teachers": [
+                {**t, "test_accuracy": a}
+                for t, a in zip(manifest["teachers"], teacher_accs, strict=True)
+            ],
+        }
         ref_acc = reference_accuracy(cfg.reference.kind, manifest, kd_ref)
 
     method = create_method(cfg, teachers, info, device, train_data=train_ds)
@@ -220,7 +237,11 @@ def run(
         values = torch.stack([v.float() for v in losses.values()])
         if not torch.isfinite(values).all():
             bad = next(k for k, v in losses.items() if not torch.isfinite(v))
-            kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint yet"
+            kept = (
+                f"last good checkpoint kept at {ckpt_path}"
+                if ckpt_path.exists()
+                else "no checkpoint yet"
+            )
             raise NonFiniteLossError(
                 f"loss {bad!r} became {losses[bad].item()} at step {step}; {kept}. "
                 "Lower the learning rates or the loss weights, then resume or restart"
@@ -274,18 +295,30 @@ def run(
     if cfg.aggregation.few_shot > 0:
         # The few real samples are seen as they are, without training-time augmentation.
         plain_train, _, _ = load_dataset(
-            d.name, root=d.root, image_size=d.image_size, seed=d.split_seed, download=d.download, augment=False
+            d.name,
+            root=d.root,
+            image_size=d.image_size,
+            seed=d.split_seed,
+            download=d.download,
+            augment=False,
         )
         result["aggregation"] = run_aggregation(
             method, plain_train, test_loader, cfg.aggregation, device, out
         )
     (out / RESULT).write_text(json.dumps(result, indent=2))
     agg = result.get("aggregation") or {}
-    logger.log_metrics({
-        **final,
-        **{k: result[k] for k in ("student_params", "student_macs", "wall_seconds")},
-        **{f"aggregation/{k}": agg[k] for k in ("averaging_accuracy", "aggregated_accuracy") if k in agg},
-    }, method.step_count)
+    logger.log_metrics(
+        {
+            **final,
+            **{k: result[k] for k in ("student_params", "student_macs", "wall_seconds")},
+            **{
+                f"aggregation/{k}": agg[k]
+                for k in ("averaging_accuracy", "aggregated_accuracy")
+                if k in agg
+            },
+        },
+        method.step_count,
+    )
     for artifact in (out / "config.yaml", out / RESULT, grid):
         if artifact is not None and artifact.exists():
             logger.log_artifact(artifact)

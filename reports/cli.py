@@ -95,5 +95,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from cdfkd.mlflow_tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    print(f"MLflow UI on these runs: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+    print(
+        f"MLflow UI on these runs: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+    )
     return 0

@@ -23,7 +23,9 @@ def test_every_package_folder_is_declared():
         if (ROOT / top / "__init__.py").exists():
             found.add(f"cdfkd.{top}")
             assert package_dir[f"cdfkd.{top}"] == top
-    assert found == declared, f"pyproject packages out of date: missing {found - declared}, stale {declared - found}"
+    assert found == declared, (
+        f"pyproject packages out of date: missing {found - declared}, stale {declared - found}"
+    )
 
 
 def test_installed_import_names():
@@ -34,7 +36,18 @@ def test_installed_import_names():
 
 def test_wheel_has_no_top_level_tune_or_reports(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )

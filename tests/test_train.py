@@ -52,8 +52,21 @@ def test_resume_continues_bit_for_bit(digits_ensemble, tmp_path):
 def test_result_json_and_sample_grid(digits_ensemble, tmp_path):
     result = run(build_config(_raw(digits_ensemble, tmp_path)), tmp_path / "r")
     saved = json.loads((tmp_path / "r" / "result.json").read_text())
-    for key in ("method", "dataset", "teachers", "student_accuracy", "header_accuracies", "relative_accuracy",
-                "reference", "proxy", "student_params", "student_macs", "steps", "wall_seconds", "config"):
+    for key in (
+        "method",
+        "dataset",
+        "teachers",
+        "student_accuracy",
+        "header_accuracies",
+        "relative_accuracy",
+        "reference",
+        "proxy",
+        "student_params",
+        "student_macs",
+        "steps",
+        "wall_seconds",
+        "config",
+    ):
         assert key in saved
     assert saved["reference"]["kind"] == "ensemble"
     ref = saved["teachers"]["ensemble_accuracy"]
@@ -69,7 +82,9 @@ def test_result_json_and_sample_grid(digits_ensemble, tmp_path):
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(digits_ensemble, tmp_path):
     raw = _raw(digits_ensemble, tmp_path, method="kd_real")
     raw["optim"] = {"lr": 10.0}
-    with pytest.raises(NonFiniteLossError, match=r"loss 'student' became nan at step \d+.*last good checkpoint"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss 'student' became nan at step \d+.*last good checkpoint"
+    ):
         run(build_config(raw), tmp_path / "nan")
     kept = load_checkpoint(tmp_path / "nan" / CHECKPOINT)
     assert kept["step"] == 5
@@ -82,9 +97,15 @@ def test_reference_choices(digits_ensemble, tmp_path):
     best = run(build_config({**raw, "reference": {"kind": "best_teacher"}}), tmp_path / "best")
     manifest = json.loads((digits_ensemble / "ensemble.json").read_text())
     assert best["reference"]["accuracy"] == max(t["test_accuracy"] for t in manifest["teachers"])
-    cg = run(build_config({**_raw(digits_ensemble, tmp_path, steps=10),
-                           "reference": {"kind": "kd_real", "result": str(tmp_path / "kd" / "result.json")}}),
-             tmp_path / "vs-kd")
+    cg = run(
+        build_config(
+            {
+                **_raw(digits_ensemble, tmp_path, steps=10),
+                "reference": {"kind": "kd_real", "result": str(tmp_path / "kd" / "result.json")},
+            }
+        ),
+        tmp_path / "vs-kd",
+    )
     assert cg["reference"]["accuracy"] == kd["student_accuracy"]
     assert cg["relative_accuracy"] == pytest.approx(cg["student_accuracy"] / kd["student_accuracy"])
 
@@ -102,13 +123,28 @@ def test_run_folder_refusals(digits_ensemble, tmp_path):
 
 
 def test_cli_distill_then_aggregate(digits_ensemble, tmp_path, capsys):
-    raw = _raw(digits_ensemble, tmp_path, method="cdfkd_mfs", steps=6, eval_every=3, checkpoint_every=3)
+    raw = _raw(
+        digits_ensemble, tmp_path, method="cdfkd_mfs", steps=6, eval_every=3, checkpoint_every=3
+    )
     raw["student"] = {"arch": "lenet5_half", "family": "mfs", "headers": 3}
     config = tmp_path / "mfs.yaml"
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "mfs"
-    assert main(["distill", "--config", str(config), "--out", str(out), "--no-progress",
-                 "--set", "method.lambda_ens=2"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--config",
+                str(config),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                "method.lambda_ens=2",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "relative accuracy" in text and "headers:" in text
     result = json.loads((out / "result.json").read_text())
@@ -127,17 +163,26 @@ def test_cli_refuses_bad_configs_with_one_message_each(digits_ensemble, tmp_path
     raw["train"]["stepz"] = 3
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(raw))
-    assert main(["distill", "--config", str(config), "--out", str(tmp_path / "x"), "--no-progress"]) == 1
+    assert (
+        main(["distill", "--config", str(config), "--out", str(tmp_path / "x"), "--no-progress"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "method.lambda_ensemble: unknown key" in err and "train.stepz: unknown key" in err
     raw["method"].pop("lambda_ensemble")
     raw["train"].pop("stepz")
     raw["teachers"]["path"] = str(tmp_path / "missing")
     config.write_text(yaml.safe_dump(raw))
-    assert main(["distill", "--config", str(config), "--out", str(tmp_path / "x"), "--no-progress"]) == 1
+    assert (
+        main(["distill", "--config", str(config), "--out", str(tmp_path / "x"), "--no-progress"])
+        == 1
+    )
     assert "ensemble.json does not exist" in capsys.readouterr().err
     raw["teachers"]["path"] = str(digits_ensemble)
     config.write_text(yaml.safe_dump(raw))
-    assert main(["distill", "--config", str(config), "--out", str(tmp_path / "x"), "--no-progress"]) == 1
+    assert (
+        main(["distill", "--config", str(config), "--out", str(tmp_path / "x"), "--no-progress"])
+        == 1
+    )
     assert "fuse_from=9 is out of range for lenet5_half (valid: 0..2)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before any work

@@ -59,18 +59,36 @@ def ray_env(tmp_path, monkeypatch):
     [
         ({"method.alpah": {"type": "float", "low": 0.1, "high": 1}}, "alpah"),
         ({"method.alpha": {"type": "float", "low": 2, "high": 1}}, "must be below high"),
-        ({"method.alpha": {"type": "float", "low": 0, "high": 1, "log": True}}, "log=true needs low > 0"),
-        ({"student.fuse_from": {"type": "int", "low": 0, "high": 9, "when": {"student.family": "mfs"}},
-          "student.family": {"type": "categorical", "choices": ["mfs"]},
-          "student.headers": {"type": "categorical", "choices": [3]}}, "fuse_from"),
-        ({"method.alpha": {"type": "float", "low": 0.1, "high": 1, "when": {"nothing.here": 1}}}, "nothing.here"),
+        (
+            {"method.alpha": {"type": "float", "low": 0, "high": 1, "log": True}},
+            "log=true needs low > 0",
+        ),
+        (
+            {
+                "student.fuse_from": {
+                    "type": "int",
+                    "low": 0,
+                    "high": 9,
+                    "when": {"student.family": "mfs"},
+                },
+                "student.family": {"type": "categorical", "choices": ["mfs"]},
+                "student.headers": {"type": "categorical", "choices": [3]},
+            },
+            "fuse_from",
+        ),
+        (
+            {"method.alpha": {"type": "float", "low": 0.1, "high": 1, "when": {"nothing.here": 1}}},
+            "nothing.here",
+        ),
         ({"method.alpha": {"type": "categorical", "choices": [{"a": 1}]}}, "scalars"),
     ],
 )
 def test_invalid_search_spaces_are_refused(tmp_path, digits_ensemble, search, message):
     from cdfkd.tune.spec import load_spec
 
-    spec = _write_spec(tmp_path / "s.yaml", name="bad", base_config=_base(digits_ensemble, tmp_path), search=search)
+    spec = _write_spec(
+        tmp_path / "s.yaml", name="bad", base_config=_base(digits_ensemble, tmp_path), search=search
+    )
     with pytest.raises(ConfigError, match=message):
         load_spec(spec)
 
@@ -82,13 +100,19 @@ def test_spec_refuses_unknown_top_level_key_and_asha_with_two_objectives(tmp_pat
     with pytest.raises(ConfigError, match="num_sample"):
         load_spec(_write_spec(tmp_path / "a.yaml", name="x", base_config=base, num_sample=3))
     with pytest.raises(ConfigError, match="ASHA needs one objective"):
-        load_spec(_write_spec(tmp_path / "b.yaml", name="x", base_config=base, scheduler={"type": "asha"},
-                              objective={"second_metric": "student_params"}))
+        load_spec(
+            _write_spec(
+                tmp_path / "b.yaml",
+                name="x",
+                base_config=base,
+                scheduler={"type": "asha"},
+                objective={"second_metric": "student_params"},
+            )
+        )
 
 
 def test_define_by_run_space_respects_conditions_and_seed():
     import optuna
-
     from cdfkd.tune.space import DefineByRunSpace
     from cdfkd.tune.spec import Param
 
@@ -127,12 +151,17 @@ def test_small_sweep_completes_with_distinct_trials_and_shared_teachers(ray_env,
     from cdfkd.tune import run_sweep
 
     spec = _write_spec(
-        ray_env / "sweep.yaml", name="small", base_config=_base(digits_ensemble, ray_env),
+        ray_env / "sweep.yaml",
+        name="small",
+        base_config=_base(digits_ensemble, ray_env),
         search={
             "method.alpha": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
             "optim.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
         },
-        num_samples=3, max_concurrent_trials=2, seed=1, storage_path=str(ray_env / "sweeps"),
+        num_samples=3,
+        max_concurrent_trials=2,
+        seed=1,
+        storage_path=str(ray_env / "sweeps"),
     )
     lines: list[str] = []
     summary = run_sweep(spec, write=lines.append)
@@ -153,10 +182,15 @@ def test_nonfinite_trial_fails_cleanly_and_sweep_finishes(ray_env, digits_ensemb
     base = _base(digits_ensemble, ray_env, steps=20, eval_every=10, checkpoint_every=10)
     base["method"] = {"name": "kd_real"}
     spec = _write_spec(
-        ray_env / "nan.yaml", name="nan", base_config=base,
+        ray_env / "nan.yaml",
+        name="nan",
+        base_config=base,
         search={"optim.lr": {"type": "categorical", "choices": [0.05, 10.0]}},
         points_to_evaluate=[{"optim.lr": 0.05}, {"optim.lr": 10.0}],
-        num_samples=2, max_concurrent_trials=2, seed=0, storage_path=str(ray_env / "sweeps"),
+        num_samples=2,
+        max_concurrent_trials=2,
+        seed=0,
+        storage_path=str(ray_env / "sweeps"),
     )
     summary = run_sweep(spec, write=lambda _: None)
     by_lr = {float(r["param:optim.lr"]): r for r in summary["rows"]}
@@ -169,14 +203,24 @@ def test_nonfinite_trial_fails_cleanly_and_sweep_finishes(ray_env, digits_ensemb
 
 def test_driver_sigkill_then_resume_keeps_finished_trials(ray_env, digits_ensemble):
     spec = _write_spec(
-        ray_env / "kill.yaml", name="kill", base_config=_base(digits_ensemble, ray_env, steps=36),
+        ray_env / "kill.yaml",
+        name="kill",
+        base_config=_base(digits_ensemble, ray_env, steps=36),
         search={"method.alpha": {"type": "float", "low": 0.1, "high": 10.0, "log": True}},
-        num_samples=4, max_concurrent_trials=1, seed=2, storage_path=str(ray_env / "sweeps"),
+        num_samples=4,
+        max_concurrent_trials=1,
+        seed=2,
+        storage_path=str(ray_env / "sweeps"),
     )
     exp = ray_env / "sweeps" / "kill"
     cmd = [sys.executable, "-m", "cdfkd", "sweep", str(spec)]
-    driver = subprocess.Popen(cmd, cwd=ray_env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        cmd,
+        cwd=ray_env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     finished: list[Path] = []
     while time.time() < deadline and not finished:
@@ -187,7 +231,9 @@ def test_driver_sigkill_then_resume_keeps_finished_trials(ray_env, digits_ensemb
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     stamps = {p: p.stat().st_mtime_ns for p in exp.glob("*/run/result.json")}
-    resumed = subprocess.run(cmd + ["--resume"], cwd=ray_env, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(
+        cmd + ["--resume"], cwd=ray_env, capture_output=True, text=True, timeout=400
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = _rows(exp)
     assert len(rows) == 4 and all(r["status"] == "COMPLETE" for r in rows), rows
@@ -208,17 +254,40 @@ def test_two_node_cluster_places_trials_on_both_nodes(ray_env, digits_ensemble):
     port = _free_port()
     temp = Path(f"/tmp/cdfkd-ray-{port}")
     ray_bin = str(Path(sys.executable).parent / "ray")
-    common = ["--num-cpus=1", f"--temp-dir={temp}", "--object-store-memory=150000000", "--disable-usage-stats"]
+    common = [
+        "--num-cpus=1",
+        f"--temp-dir={temp}",
+        "--object-store-memory=150000000",
+        "--disable-usage-stats",
+    ]
     env = dict(os.environ)
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--resources={\"head_slot\": 1}", *common],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", '--resources={"head_slot": 1}', *common],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     try:
-        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--resources={\"gpu_sim\": 1}", *common],
-                       check=True, env=env, capture_output=True)
+        subprocess.run(
+            [
+                ray_bin,
+                "start",
+                f"--address=127.0.0.1:{port}",
+                '--resources={"gpu_sim": 1}',
+                *common,
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         spec = _write_spec(
-            ray_env / "two.yaml", name="two", base_config=_base(digits_ensemble, ray_env),
+            ray_env / "two.yaml",
+            name="two",
+            base_config=_base(digits_ensemble, ray_env),
             search={"method.alpha": {"type": "float", "low": 0.1, "high": 10.0, "log": True}},
-            num_samples=2, max_concurrent_trials=2, storage_path=str(ray_env / "sweeps"),
+            num_samples=2,
+            max_concurrent_trials=2,
+            storage_path=str(ray_env / "sweeps"),
         )
         summary = run_sweep(spec, address=f"127.0.0.1:{port}", write=lambda _: None)
         assert all(r["status"] == "COMPLETE" for r in summary["rows"])
@@ -255,15 +324,17 @@ def test_unreachable_cluster_is_refused_fast(ray_env):
 
 def test_teachers_train_in_parallel_ray_tasks_and_actor_evaluates(ray_env):
     import ray
-
-    from cdfkd.teachers import TeacherTrainConfig, ensemble_to_numpy, load_ensemble
     from cdfkd.tune.actors import TeacherEnsembleActor, train_ensemble_ray
     from cdfkd.tune.run import connect_ray
+
+    from cdfkd.teachers import TeacherTrainConfig, ensemble_to_numpy, load_ensemble
 
     connect_ray(None)
     cfg = TeacherTrainConfig.for_dataset("digits", "lenet5", count=2, epochs=2)
     lines: list[str] = []
-    manifest = train_ensemble_ray(cfg, ray_env / "ens", data_root=str(ray_env / "data"), progress=lines.append)
+    manifest = train_ensemble_ray(
+        cfg, ray_env / "ens", data_root=str(ray_env / "data"), progress=lines.append
+    )
     assert len(manifest["teachers"]) == 2 and len(lines) == 2
     assert [t["seed"] for t in manifest["teachers"]] == [0, 1]
     assert all(t["test_accuracy"] > 0.8 for t in manifest["teachers"])

@@ -32,15 +32,33 @@ def _train_one(cfg_dict: dict, index: int, data_root: str, threads: int) -> dict
     seed = cfg.seed + index
     # The same seeding as the sequential trainer, so --ray trains the same teachers.
     torch.manual_seed(seed)
-    model = create_model(cfg.arch, info.num_classes, in_channels=info.channels, image_size=info.image_size,
-                         **cfg.model_kwargs)
+    model = create_model(
+        cfg.arch,
+        info.num_classes,
+        in_channels=info.channels,
+        image_size=info.image_size,
+        **cfg.model_kwargs,
+    )
     train_teacher(model, train_ds, cfg, seed, device)
-    acc = evaluate_headers(model.eval(), eval_loader(test_ds, cfg.eval_batch_size, device), device)["accuracy"]
-    return {"index": index, "state": {k: v.cpu().numpy() for k, v in model.state_dict().items()}, "accuracy": acc}
+    acc = evaluate_headers(model.eval(), eval_loader(test_ds, cfg.eval_batch_size, device), device)[
+        "accuracy"
+    ]
+    return {
+        "index": index,
+        "state": {k: v.cpu().numpy() for k, v in model.state_dict().items()},
+        "accuracy": acc,
+    }
 
 
-def train_ensemble_ray(cfg, out_dir: str | Path, *, data_root: str = "data", cpus_per_teacher: float = 1,
-                       gpus_per_teacher: float = 0, progress=None) -> dict:
+def train_ensemble_ray(
+    cfg,
+    out_dir: str | Path,
+    *,
+    data_root: str = "data",
+    cpus_per_teacher: float = 1,
+    gpus_per_teacher: float = 0,
+    progress=None,
+) -> dict:
     """Train ``cfg.count`` teachers as parallel Ray tasks and write the ensemble folder."""
     from cdfkd.data import load_dataset
     from cdfkd.models import create_model
@@ -56,23 +74,44 @@ def train_ensemble_ray(cfg, out_dir: str | Path, *, data_root: str = "data", cpu
         out = ray.get(ready[0])
         done[out["index"]] = out
         if progress is not None:
-            progress(f"teacher {out['index'] + 1}/{cfg.count} done: test accuracy {out['accuracy']:.4f}")
-    _, test_ds, info = load_dataset(cfg.dataset, root=data_root, image_size=cfg.image_size, seed=cfg.split_seed)
+            progress(
+                f"teacher {out['index'] + 1}/{cfg.count} done: test accuracy {out['accuracy']:.4f}"
+            )
+    _, test_ds, info = load_dataset(
+        cfg.dataset, root=data_root, image_size=cfg.image_size, seed=cfg.split_seed
+    )
     models = []
     for i in range(cfg.count):
-        model = create_model(cfg.arch, info.num_classes, in_channels=info.channels, image_size=info.image_size,
-                             **cfg.model_kwargs)
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in done[i]["state"].items()})
+        model = create_model(
+            cfg.arch,
+            info.num_classes,
+            in_channels=info.channels,
+            image_size=info.image_size,
+            **cfg.model_kwargs,
+        )
+        model.load_state_dict(
+            {k: torch.from_numpy(np.array(v)) for k, v in done[i]["state"].items()}
+        )
         models.append(model.eval())
     archs = [cfg.arch] * cfg.count
     device = torch.device("cpu")
-    ev = evaluate_ensemble(TeacherEnsemble(models, info, archs, mode="loop"),
-                           eval_loader(test_ds, cfg.eval_batch_size, device), device)
+    ev = evaluate_ensemble(
+        TeacherEnsemble(models, info, archs, mode="loop"),
+        eval_loader(test_ds, cfg.eval_batch_size, device),
+        device,
+    )
     return save_ensemble(
-        models, Path(out_dir), info, archs, seeds=[cfg.seed + i for i in range(cfg.count)],
-        test_accuracies=ev["teacher_accuracies"], ensemble_accuracy=ev["ensemble_accuracy"],
-        model_kwargs=cfg.model_kwargs, dataset=cfg.dataset,
-        config={**asdict(cfg), "data_root": str(data_root), "ray": True}, overwrite=True,
+        models,
+        Path(out_dir),
+        info,
+        archs,
+        seeds=[cfg.seed + i for i in range(cfg.count)],
+        test_accuracies=ev["teacher_accuracies"],
+        ensemble_accuracy=ev["ensemble_accuracy"],
+        model_kwargs=cfg.model_kwargs,
+        dataset=cfg.dataset,
+        config={**asdict(cfg), "data_root": str(data_root), "ray": True},
+        overwrite=True,
     )
 
 
@@ -88,8 +127,11 @@ class TeacherEnsembleActor:
         self.ensemble = ensemble_from_numpy(payload, self.device)
 
     def info(self) -> dict:
-        return {"num_teachers": self.ensemble.num_teachers, "archs": list(self.ensemble.archs),
-                "data": self.ensemble.info.to_dict()}
+        return {
+            "num_teachers": self.ensemble.num_teachers,
+            "archs": list(self.ensemble.archs),
+            "data": self.ensemble.info.to_dict(),
+        }
 
     @torch.no_grad()
     def logits(self, images: np.ndarray) -> np.ndarray:
@@ -102,6 +144,10 @@ class TeacherEnsembleActor:
         from cdfkd.teachers.train import eval_loader
 
         m = self.ensemble.manifest
-        _, test_ds, _ = load_dataset(m["dataset"], root=data_root, image_size=self.ensemble.info.image_size,
-                                     seed=m.get("config", {}).get("split_seed", 0))
+        _, test_ds, _ = load_dataset(
+            m["dataset"],
+            root=data_root,
+            image_size=self.ensemble.info.image_size,
+            seed=m.get("config", {}).get("split_seed", 0),
+        )
         return evaluate_ensemble(self.ensemble, eval_loader(test_ds, 512, self.device), self.device)

@@ -19,10 +19,16 @@ def _sweep(sub: _Subparsers) -> None:
         "experiment folder and prints the best trial (or the Pareto front).",
     )
     p.add_argument("spec", help="sweep spec YAML (e.g. tune/quickstart.yaml)")
-    p.add_argument("--address", default=None,
-                   help="join a Ray cluster: auto (this node's) or ray://HOST:PORT; default: embedded local Ray")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted sweep: finished trials are kept, unfinished ones resume")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="join a Ray cluster: auto (this node's) or ray://HOST:PORT; default: embedded local Ray",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep: finished trials are kept, unfinished ones resume",
+    )
     p.add_argument("--name", default=None, help="experiment name (default: the spec's name)")
     p.set_defaults(func=_run_sweep)
 
@@ -35,13 +41,20 @@ def _run_sweep(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from cdfkd.tune.run import run_sweep
 
-    summary = run_sweep(args.spec, address=args.address, resume=args.resume, name=args.name,
-                        write=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = run_sweep(
+        args.spec,
+        address=args.address,
+        resume=args.resume,
+        name=args.name,
+        write=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     rows = summary["rows"]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    print(f"{len(rows)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
+    print(
+        f"{len(rows)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    )
     if "best" in summary:
         b = summary["best"]
         print(f"best relative accuracy {b['relative_accuracy']:.4f} (trial {b['trial_id']})")

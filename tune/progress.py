@@ -7,7 +7,11 @@ from collections.abc import Callable
 
 from ray.tune import Callback
 
-_METRIC_COLUMNS = (("relative_accuracy", "rel_acc"), ("student_accuracy", "acc"), ("steps_per_second", "steps/s"))
+_METRIC_COLUMNS = (
+    ("relative_accuracy", "rel_acc"),
+    ("student_accuracy", "acc"),
+    ("steps_per_second", "steps/s"),
+)
 
 
 def _short(key: str) -> str:
@@ -43,14 +47,27 @@ class ProgressTable(Callback):
                 row["status"] = "NONFINITE"
 
     def _render(self) -> str:
-        head = ["trial", "status", *(_short(p) for p in self.params), "step", *(c for _, c in _METRIC_COLUMNS)]
+        head = [
+            "trial",
+            "status",
+            *(_short(p) for p in self.params),
+            "step",
+            *(c for _, c in _METRIC_COLUMNS),
+        ]
         lines = [head]
         for tid, row in sorted(self._rows.items()):
-            cells = [tid, row["status"], *(_fmt(row["params"].get(p)) for p in self.params), _fmt(row.get("step"))]
+            cells = [
+                tid,
+                row["status"],
+                *(_fmt(row["params"].get(p)) for p in self.params),
+                _fmt(row.get("step")),
+            ]
             cells += [_fmt(row.get(k)) for k, _ in _METRIC_COLUMNS]
             lines.append(cells)
         widths = [max(len(str(r[i])) for r in lines) for i in range(len(head))]
-        return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in lines)
+        return "\n".join(
+            "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in lines
+        )
 
     def _maybe_print(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -80,6 +97,10 @@ class ProgressTable(Callback):
         if "best" in summary:
             b = summary["best"]
             params = {k.removeprefix("param:"): v for k, v in b.items() if k.startswith("param:")}
-            self.write(f"best trial {b['trial_id']}: {self.metric}={_fmt(b[self.metric])} params={params}")
+            self.write(
+                f"best trial {b['trial_id']}: {self.metric}={_fmt(b[self.metric])} params={params}"
+            )
         for p in summary.get("pareto", []):
-            self.write(f"pareto {p['trial_id']}: {self.metric}={_fmt(p[self.metric])} params={p['student_params']}")
+            self.write(
+                f"pareto {p['trial_id']}: {self.metric}={_fmt(p[self.metric])} params={p['student_params']}"
+            )

@@ -24,7 +24,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     quiet = {
-        "include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
         # OpenMP threads spin-waiting on shared cores slow torch down many times over.
         "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "TQDM_DISABLE": "1"}},
     }
@@ -42,7 +44,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
                 " Ray 2.60 clusters use token authentication: export RAY_AUTH_MODE=token and make the "
                 "cluster's token available (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)."
             )
-        raise ConfigError(f"could not connect to the Ray cluster at {address!r} ({err}).{hint}") from None
+        raise ConfigError(
+            f"could not connect to the Ray cluster at {address!r} ({err}).{hint}"
+        ) from None
 
 
 def _probe(address: str, timeout: float = 3.0) -> None:
@@ -76,18 +80,23 @@ def ensure_teachers(spec, base: dict, progress: Callable[[str], None]) -> str:
             "or add a teachers_train section to the sweep spec"
         )
     t = spec.teachers_train
-    progress(f"training {t.count} {t.arch} teachers on {t.dataset} into {path} (cached for later sweeps)")
-    cfg = TeacherTrainConfig.for_dataset(t.dataset, t.arch, count=t.count, epochs=t.epochs, seed=t.seed)
-    train_ensemble(cfg, path, resolve_device("auto"), data_root=base.get("data", {}).get("root", "data"))
+    progress(
+        f"training {t.count} {t.arch} teachers on {t.dataset} into {path} (cached for later sweeps)"
+    )
+    cfg = TeacherTrainConfig.for_dataset(
+        t.dataset, t.arch, count=t.count, epochs=t.epochs, seed=t.seed
+    )
+    train_ensemble(
+        cfg, path, resolve_device("auto"), data_root=base.get("data", {}).get("root", "data")
+    )
     return str(path)
 
 
 def _searcher(spec, base: dict, exp_dir: Path):
     import optuna
+    from cdfkd.tune.space import DefineByRunSpace, ResumableOptunaSearch, make_sampler
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
-
-    from cdfkd.tune.space import DefineByRunSpace, ResumableOptunaSearch, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     obj = spec.objective
@@ -97,8 +106,12 @@ def _searcher(spec, base: dict, exp_dir: Path):
     # A journal file keeps the study (and the Pareto front) readable after the run.
     storage = JournalStorage(JournalFileBackend(str(exp_dir / "optuna.log")))
     return ResumableOptunaSearch(
-        DefineByRunSpace(spec.search, base), metric=metric, mode=mode,
-        sampler=make_sampler(spec), study_name=spec.name, storage=storage,
+        DefineByRunSpace(spec.search, base),
+        metric=metric,
+        mode=mode,
+        sampler=make_sampler(spec),
+        study_name=spec.name,
+        storage=storage,
         points_to_evaluate=spec.points_to_evaluate or None,
     )
 
@@ -112,13 +125,13 @@ def run_sweep(
     write: Callable[[str], None] | None = None,
 ) -> dict:
     """Run (or resume) a sweep; returns {"experiment_dir", "rows", "best" or "pareto"}."""
-    from ray import tune
-
-    from cdfkd.teachers import ensemble_to_numpy, load_ensemble
     from cdfkd.tune.mlflow_sweep import finish_sweep, start_parent
     from cdfkd.tune.progress import ProgressTable
     from cdfkd.tune.spec import load_spec
     from cdfkd.tune.trainable import distill_trainable
+    from ray import tune
+
+    from cdfkd.teachers import ensemble_to_numpy, load_ensemble
 
     write = write or (lambda line: print(line, file=sys.stderr))
     spec, base = load_spec(spec_path)
@@ -126,9 +139,13 @@ def run_sweep(
         spec.name = name
     exp_dir = Path(spec.storage_path) / spec.name
     if resume and not tune.Tuner.can_restore(str(exp_dir)):
-        raise ConfigError(f"--resume: no sweep to resume at {exp_dir}; run without --resume to start it")
+        raise ConfigError(
+            f"--resume: no sweep to resume at {exp_dir}; run without --resume to start it"
+        )
     if not resume and exp_dir.exists() and any(exp_dir.glob("experiment_state-*.json")):
-        raise ConfigError(f"sweep {spec.name!r} already exists at {exp_dir}: pass --resume or --name NEW_NAME")
+        raise ConfigError(
+            f"sweep {spec.name!r} already exists at {exp_dir}: pass --resume or --name NEW_NAME"
+        )
 
     ensure_teachers(spec, base, write)
     connect_ray(address)
@@ -140,15 +157,21 @@ def run_sweep(
     # One put: every trial reads the same read-only numpy weights from the object store.
     trainable = tune.with_resources(
         tune.with_parameters(
-            distill_trainable, base=base, teachers=ensemble_to_numpy(ensemble),
-            objective=objective, resources=resources, mlflow=mlflow_ctx,
+            distill_trainable,
+            base=base,
+            teachers=ensemble_to_numpy(ensemble),
+            objective=objective,
+            resources=resources,
+            mlflow=mlflow_ctx,
         ),
         resources,
     )
     table = ProgressTable(spec, write)
     if resume:
         write(f"resuming sweep {spec.name} from {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
+        )
         tuner._local_tuner._run_config.callbacks = [table]  # restore keeps the pickled RunConfig
     else:
         scheduler = None
@@ -156,20 +179,35 @@ def run_sweep(
         if spec.scheduler.type == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
-            evals = max(1, math.ceil(base.get("train", {}).get("steps", 1000) / base.get("train", {}).get("eval_every", 200)))
+            evals = max(
+                1,
+                math.ceil(
+                    base.get("train", {}).get("steps", 1000)
+                    / base.get("train", {}).get("eval_every", 200)
+                ),
+            )
             scheduler = ASHAScheduler(
-                time_attr="training_iteration", max_t=evals + 1,
-                grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor,
+                time_attr="training_iteration",
+                max_t=evals + 1,
+                grace_period=spec.scheduler.grace_period,
+                reduction_factor=spec.scheduler.reduction_factor,
             )
             tc_metric, tc_mode = spec.objective.metric, spec.objective.mode
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(spec, base, exp_dir), scheduler=scheduler, metric=tc_metric,
-                mode=tc_mode, num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
+                search_alg=_searcher(spec, base, exp_dir),
+                scheduler=scheduler,
+                metric=tc_metric,
+                mode=tc_mode,
+                num_samples=spec.num_samples,
+                max_concurrent_trials=spec.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(
-                name=spec.name, storage_path=spec.storage_path, verbose=0, callbacks=[table],
+                name=spec.name,
+                storage_path=spec.storage_path,
+                verbose=0,
+                callbacks=[table],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
@@ -209,9 +247,20 @@ def result_rows(grid, spec) -> list[dict]:
             status = "STOPPED_EARLY"  # ASHA: its value comes from a shorter budget
         row = {"trial_id": m.get("trial_id") or Path(result.path).name, "status": status}
         row.update({f"param:{k}": v for k, v in (result.config or {}).items()})
-        for key in ("relative_accuracy", "student_accuracy", "proxy", "student_params", "student_macs",
-                    "step", "wall_seconds", "loop_seconds", "time_total_s", "steps_per_second",
-                    "teachers_shared", "node_id"):
+        for key in (
+            "relative_accuracy",
+            "student_accuracy",
+            "proxy",
+            "student_params",
+            "student_macs",
+            "step",
+            "wall_seconds",
+            "loop_seconds",
+            "time_total_s",
+            "steps_per_second",
+            "teachers_shared",
+            "node_id",
+        ):
             row[key] = m.get(key)
         row["error"] = m.get("error") or (str(result.error).splitlines()[0] if result.error else "")
         row["path"] = result.path

@@ -7,10 +7,11 @@ at its first snapshot).
 
 from __future__ import annotations
 
-import optuna
-from ray.tune.search.optuna import OptunaSearch
+import contextlib
 
+import optuna
 from cdfkd.tune.spec import Param, SweepSpec, _conditions_met, sampling_order
+from ray.tune.search.optuna import OptunaSearch
 
 
 class DefineByRunSpace:
@@ -34,16 +35,22 @@ class DefineByRunSpace:
                 sample[key] = trial.suggest_categorical(key, p["choices"])
             elif p["type"] == "int":
                 step = int(p["step"] or 1)
-                sample[key] = trial.suggest_int(key, int(p["low"]), int(p["high"]), step=step, log=p["log"])
+                sample[key] = trial.suggest_int(
+                    key, int(p["low"]), int(p["high"]), step=step, log=p["log"]
+                )
             else:
-                sample[key] = trial.suggest_float(key, p["low"], p["high"], step=p["step"], log=p["log"])
+                sample[key] = trial.suggest_float(
+                    key, p["low"], p["high"], step=p["step"], log=p["log"]
+                )
         return None
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     """Seeded sampler: TPE for one objective, NSGA-II for two (a Pareto front)."""
     if spec.objective.multi:
-        return optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=max(4, spec.max_concurrent_trials * 2))
+        return optuna.samplers.NSGAIISampler(
+            seed=spec.seed, population_size=max(4, spec.max_concurrent_trials * 2)
+        )
     # Start-up trials at least as many as run at once, so parallel start-up
     # does not launch more random trials than planned.
     startup = max(spec.max_concurrent_trials, min(10, max(2, spec.num_samples // 3)))
@@ -59,12 +66,12 @@ class ResumableOptunaSearch(OptunaSearch):
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        try:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             super().on_trial_result(trial_id, result)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         try:
             super().on_trial_complete(trial_id, result=result, error=error)
         except optuna.exceptions.UpdateFinishedTrialError:

@@ -42,7 +42,9 @@ class Param(_Strict):
     log: bool = False
     step: float | None = None
     choices: list[Any] | None = None
-    when: dict[str, Any] = Field(default_factory=dict, description="only sampled when these keys have these values")
+    when: dict[str, Any] = Field(
+        default_factory=dict, description="only sampled when these keys have these values"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Param:
@@ -99,20 +101,29 @@ class MLflowSpec(_Strict):
     """Where the sweep logs: a parent run per sweep, a nested child run per trial."""
 
     enabled: bool = True
-    tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI or ./mlflow.db (made absolute)")
+    tracking_uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI or ./mlflow.db (made absolute)"
+    )
     experiment: str | None = Field(None, description="None: the sweep's name")
-    register_name: str | None = Field(None, description="registered model of the best student; None: <name>-best")
+    register_name: str | None = Field(
+        None, description="registered model of the best student; None: <name>-best"
+    )
 
 
 class SweepSpec(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    base: str | None = Field(None, description="path of a `cdfkd distill` config, relative to the spec")
+    base: str | None = Field(
+        None, description="path of a `cdfkd distill` config, relative to the spec"
+    )
     base_config: dict | None = Field(None, description="the distill config inline")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys fixed for every trial")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="dotted keys fixed for every trial"
+    )
     teachers_train: TeachersTrain | None = None
     search: dict[str, Param] = Field(default_factory=dict)
     points_to_evaluate: list[dict[str, Any]] = Field(
-        default_factory=list, description="configurations tried first (partial ones are completed by the sampler)"
+        default_factory=list,
+        description="configurations tried first (partial ones are completed by the sampler)",
     )
     objective: Objective = Objective()
     num_samples: int = Field(8, ge=1)
@@ -120,7 +131,9 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     scheduler: Scheduler = Scheduler()
     seed: int = 0
-    storage_path: str = Field("runs/sweeps", description="experiment folders go to storage_path/name")
+    storage_path: str = Field(
+        "runs/sweeps", description="experiment folders go to storage_path/name"
+    )
     max_failures: int = Field(2, ge=0)
     mlflow: MLflowSpec = MLflowSpec()
 
@@ -129,7 +142,9 @@ class SweepSpec(_Strict):
         if (self.base is None) == (self.base_config is None):
             raise ValueError("give exactly one of 'base' (a config file) or 'base_config' (inline)")
         if self.objective.multi and self.scheduler.type == "asha":
-            raise ValueError("ASHA needs one objective: drop objective.second_metric or use scheduler.type: none")
+            raise ValueError(
+                "ASHA needs one objective: drop objective.second_metric or use scheduler.type: none"
+            )
         return self
 
 
@@ -198,7 +213,9 @@ def sampling_order(search: dict[str, Param]) -> list[str]:
     order: list[str] = []
     pending = dict(search)
     while pending:
-        ready = [k for k, p in pending.items() if all(c in order or c not in search for c in p.when)]
+        ready = [
+            k for k, p in pending.items() if all(c in order or c not in search for c in p.when)
+        ]
         if not ready:
             raise ConfigError(f"search conditions form a cycle among {sorted(pending)}")
         for k in ready:
@@ -239,23 +256,38 @@ def validate_space(spec: SweepSpec, base: dict) -> None:
     for point in spec.points_to_evaluate:
         unknown = set(point) - set(spec.search)
         if unknown:
-            raise ConfigError(f"points_to_evaluate names keys that are not searched: {sorted(unknown)}")
+            raise ConfigError(
+                f"points_to_evaluate names keys that are not searched: {sorted(unknown)}"
+            )
     for key, p in spec.search.items():
         for cond in p.when:
             if cond not in spec.search and _dotted(base, cond) is None:
-                raise ConfigError(f"search.{key}.when names {cond!r}, which is neither searched nor in the base config")
+                raise ConfigError(
+                    f"search.{key}.when names {cond!r}, which is neither searched nor in the base config"
+                )
     for sample in corner_samples(spec, base):
-        sample = {k: v for k, v in sample.items() if _conditions_met(spec.search[k].when, sample, base)}
+        sample = {
+            k: v for k, v in sample.items() if _conditions_met(spec.search[k].when, sample, base)
+        }
         try:
             cfg = build_config(apply_values(base, sample), source=f"sweep {spec.name} trial config")
         except ConfigError as err:
-            raise ConfigError(f"search space can produce an invalid config ({sample}):\n{err}") from None
+            raise ConfigError(
+                f"search space can produce an invalid config ({sample}):\n{err}"
+            ) from None
         _check_structure(cfg, sample, _geometry(spec, cfg))
 
 
 # Input geometry of datasets before their teachers exist (channels, default size).
-_DEFAULT_GEOMETRY = {"digits": (1, 32), "mnist": (1, 32), "fashion-mnist": (1, 32), "cifar10": (3, 32),
-                     "cifar100": (3, 32), "caltech101": (3, 128), "imagefolder": (3, 224)}
+_DEFAULT_GEOMETRY = {
+    "digits": (1, 32),
+    "mnist": (1, 32),
+    "fashion-mnist": (1, 32),
+    "cifar10": (3, 32),
+    "cifar100": (3, 32),
+    "caltech101": (3, 128),
+    "imagefolder": (3, 224),
+}
 
 
 def _geometry(spec: SweepSpec, cfg) -> tuple[int, int, int | None]:
@@ -272,7 +304,6 @@ def _geometry(spec: SweepSpec, cfg) -> tuple[int, int, int | None]:
 
 
 def _check_structure(cfg, sample: dict, geometry: tuple[int, int, int | None]) -> None:
-    from cdfkd.models import create_student
 
     channels, size, teachers = geometry
     s = cfg.student
@@ -283,9 +314,8 @@ def _check_structure(cfg, sample: dict, geometry: tuple[int, int, int | None]) -
         )
     try:
         # Building the student (2 classes is enough) runs the same checks a trial would.
-        create_student(
-            s.arch, num_classes=2, in_channels=channels, image_size=size, family=s.family, headers=s.headers,
-            fuse_from=s.fuse_from, share_until=s.share_until, header_width=s.header_width,
-        )
+        s.build(2, channels, size)
     except (ValueError, KeyError) as err:
-        raise ConfigError(f"search space can produce an impossible student ({sample}): {err}") from None
+        raise ConfigError(
+            f"search space can produce an impossible student ({sample}): {err}"
+        ) from None

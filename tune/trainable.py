@@ -33,8 +33,15 @@ def trial_config(base: dict, sampled: dict, resources: dict) -> dict:
     return raw
 
 
-def distill_trainable(config: dict, *, base: dict, teachers, objective: dict, resources: dict,
-                      mlflow: dict | None = None) -> None:
+def distill_trainable(
+    config: dict,
+    *,
+    base: dict,
+    teachers,
+    objective: dict,
+    resources: dict,
+    mlflow: dict | None = None,
+) -> None:
     """Tune function trainable. ``teachers`` arrives through the object store (numpy, zero-copy).
 
     ``mlflow``: tracking URI, experiment and parent run from the driver (None: no tracking);
@@ -45,7 +52,9 @@ def distill_trainable(config: dict, *, base: dict, teachers, objective: dict, re
     raw = trial_config(base, config, resources)
     cfg = build_config(raw, source="trial config")
     torch.set_num_threads(cfg.train.threads)
-    device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else "cpu"
+    )
     ensemble = ensemble_from_numpy(teachers, device)
     shared = 1.0 if shares_memory(ensemble, teachers) else 0.0
     node_id = ray.get_runtime_context().get_node_id()
@@ -87,7 +96,9 @@ def distill_trainable(config: dict, *, base: dict, teachers, objective: dict, re
         from cdfkd.tune.mlflow_sweep import trial_logger
 
         ctx = tune.get_context()
-        ml = trial_logger(mlflow, out, ctx.get_trial_id(), ctx.get_trial_name(), cfg.tracking.log_model)
+        ml = trial_logger(
+            mlflow, out, ctx.get_trial_id(), ctx.get_trial_name(), cfg.tracking.log_model
+        )
     try:
         result = run(cfg, out, logger=ml, resume=resume, teachers=ensemble, on_eval=report)
     except NonFiniteLossError as err:
@@ -124,14 +135,10 @@ def distill_trainable(config: dict, *, base: dict, teachers, objective: dict, re
 
 def student_size(cfg, info) -> dict:
     """Parameters and MACs of the student this config builds."""
-    from cdfkd.models import count_macs, count_params, create_student
+    from cdfkd.models import count_macs, count_params
 
     s = cfg.student
-    student = create_student(
-        s.arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size,
-        family=s.family, headers=s.headers, fuse_from=s.fuse_from, share_until=s.share_until,
-        header_width=s.header_width,
-    )
+    student = s.build(info.num_classes, info.channels, info.image_size)
     shape = (1, info.channels, info.image_size, info.image_size)
     return {"student_params": count_params(student), "student_macs": count_macs(student, shape)}
 

@@ -140,7 +140,6 @@ class DistillMethod(abc.ABC):
         self, cfg: ExperimentConfig, teachers, info, device: torch.device, train_data=None
     ):
         from cdfkd.generators import create_generator
-        from cdfkd.models import create_student
 
         self.cfg = cfg
         self.mcfg = cfg.method
@@ -153,17 +152,7 @@ class DistillMethod(abc.ABC):
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         s = cfg.student
-        self.student = create_student(
-            s.arch,
-            num_classes=info.num_classes,
-            in_channels=info.channels,
-            image_size=info.image_size,
-            family=s.family,
-            headers=s.headers,
-            fuse_from=s.fuse_from,
-            share_until=s.share_until,
-            header_width=s.header_width,
-        ).to(device)
+        self.student = s.build(info.num_classes, info.channels, info.image_size).to(device)
         self.num_headers = s.headers
         teacher_targets(torch.zeros(teachers.num_teachers, 1, 1), self.num_headers)  # validates H
         # Training-only trainable parts (e.g. feature projections) live here so
