@@ -67,7 +67,9 @@ def measure(teachers: str, concurrency: int, trials: int, steps: int) -> dict:
         "trials_per_hour": 3600 * len(rows) / wall,
         "trial_overhead_median": statistics.median(overhead),
         "trial_overhead_max": max(overhead),
-        "trial_fixed_s_median": statistics.median(tt - lp for lp, tt in zip(loop, trial_total, strict=True)),
+        "trial_fixed_s_median": statistics.median(
+            tt - lp for lp, tt in zip(loop, trial_total, strict=True)
+        ),
         "trial_s_median": statistics.median(trial_total),
         # Time no trial was running on any of the concurrent slots, over the whole sweep.
         "sweep_fixed_fraction": max(0.0, 1 - sum(trial_total) / (wall * concurrency)),

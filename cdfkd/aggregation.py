@@ -264,7 +264,6 @@ def aggregate_run(run_dir, few_shot: int, device=None, data_root=None) -> dict:
     import yaml
 
     from cdfkd.config import ConfigError, build_config
-    from cdfkd.data import load_dataset
     from cdfkd.train import RESULT, resolve_device
 
     run = Path(run_dir)
@@ -279,14 +278,7 @@ def aggregate_run(run_dir, few_shot: int, device=None, data_root=None) -> dict:
     device = resolve_device("auto") if device is None else torch.device(device)
 
     d = cfg.data
-    train_ds, test_ds, info = load_dataset(
-        d.name,
-        root=d.root,
-        image_size=d.image_size,
-        seed=d.split_seed,
-        download=d.download,
-        augment=False,
-    )
+    train_ds, test_ds, info = d.load(augment=False)
     s = cfg.student
     student = s.build(info.num_classes, info.channels, info.image_size)
     student.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

@@ -33,6 +33,19 @@ class DataConfig(_Strict):
         0, description="seed of datasets without a fixed split (digits, caltech101)"
     )
 
+    def load(self, augment: bool = True):
+        """(train, test, DatasetInfo) of this dataset (cdfkd.data.load_dataset)."""
+        from cdfkd.data import load_dataset
+
+        return load_dataset(
+            self.name,
+            root=self.root,
+            image_size=self.image_size,
+            seed=self.split_seed,
+            download=self.download,
+            augment=augment,
+        )
+
 
 class TeacherConfig(_Strict):
     path: str = Field(..., description="ensemble directory written by `cdfkd teachers train`")

@@ -140,7 +140,6 @@ def run(
     ``on_eval(step, metrics, out_dir)`` after each evaluation and checkpoint.
     """
     from cdfkd.aggregation import run_aggregation
-    from cdfkd.data import load_dataset
     from cdfkd.methods import create_method
     from cdfkd.models import count_macs, count_params
     from cdfkd.teachers import load_ensemble
@@ -165,9 +164,7 @@ def run(
 
     # Data: the test split for evaluation; the train split only for kd_real and few-shot.
     d = cfg.data
-    train_ds, test_ds, info = load_dataset(
-        d.name, root=d.root, image_size=d.image_size, seed=d.split_seed, download=d.download
-    )
+    train_ds, test_ds, info = d.load()
     test_loader = _loader(test_ds, tc.eval_batch_size, device)
 
     # Teachers: the one way in is a verified ensemble directory.
@@ -294,14 +291,7 @@ def run(
     grid = save_sample_grid(method, info, out / "samples.png")
     if cfg.aggregation.few_shot > 0:
         # The few real samples are seen as they are, without training-time augmentation.
-        plain_train, _, _ = load_dataset(
-            d.name,
-            root=d.root,
-            image_size=d.image_size,
-            seed=d.split_seed,
-            download=d.download,
-            augment=False,
-        )
+        plain_train, _, _ = d.load(augment=False)
         result["aggregation"] = run_aggregation(
             method, plain_train, test_loader, cfg.aggregation, device, out
         )

@@ -93,3 +93,16 @@ def digits_teachers(digits_ensemble):
     from cdfkd.teachers import load_ensemble
 
     return load_ensemble(digits_ensemble, "cpu", mode="loop")
+
+
+@pytest.fixture
+def ray_env(tmp_path, monkeypatch):
+    """Isolate Ray's token and temp files from the user's, and shut Ray down afterwards."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    import ray
+
+    ray.shutdown()

@@ -510,19 +510,6 @@ def test_unreachable_server_buffers_and_sync_replays_once(
 # ----------------------------------------------------------------------------- sweeps
 
 
-@pytest.fixture
-def ray_env(tmp_path, monkeypatch):
-    """Isolate Ray's token and temp files from the user's, and shut Ray down afterwards."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    import ray
-
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_sweep_nests_trial_runs_and_registers_a_loadable_best_student(
     ray_env, digits_ensemble, mlflow_server

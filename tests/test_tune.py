@@ -38,19 +38,6 @@ def _write_spec(path: Path, **fields) -> Path:
     return path
 
 
-@pytest.fixture
-def ray_env(tmp_path, monkeypatch):
-    """Isolate Ray's token and temp files from the user's, and shut Ray down afterwards."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    import ray
-
-    ray.shutdown()
-
-
 # ---------------------------------------------------------------- validation (no Ray needed)
 
 
