@@ -242,11 +242,12 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     if PARAM + "train.seed" in frame:
         frame["seed"] = frame[PARAM + "train.seed"]
     rest = [c for c in frame if c not in ID_COLUMNS]
+    # .copy() consolidates the column-by-column conversions above into one block.
     return frame[
         ID_COLUMNS
         + sorted(c for c in rest if not c.startswith(PARAM))
         + sorted(c for c in rest if c.startswith(PARAM))
-    ]
+    ].copy()
 
 
 def coerce_param(values: pd.Series) -> pd.Series:
