@@ -578,3 +578,113 @@ def test_sweep_nests_trial_runs_and_registers_a_loadable_best_student(
     student, _ = student_from_run_dir(Path(best["path"]) / "run")
     with torch.no_grad():
         torch.testing.assert_close(model(x), ServingStudent(student)(x), rtol=1e-5, atol=1e-5)
+
+
+class _KillableGate(_Gate):
+    """A gate whose close() also cuts the connections already open (a server that dies)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.conns: list[socket.socket] = []
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [conn, up]
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        super().close()
+        for s in self.conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.conns.clear()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_server_killed_mid_sweep_loses_nothing_after_sync(
+    ray_env, digits_ensemble, mlflow_server, capsys
+):
+    from cdfkd.tune import run_sweep
+
+    gate = _KillableGate(mlflow_server)
+    gate.open()
+    base = yaml.safe_load(_config(ray_env / "base.yaml", digits_ensemble).read_text())
+    del base["tracking"]
+    spec = ray_env / "outage.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "outage",
+                "base_config": base,
+                "search": {
+                    "method.alpha": {"type": "float", "low": 0.1, "high": 10.0, "log": True}
+                },
+                "num_samples": 2,
+                "max_concurrent_trials": 1,
+                "seed": 0,
+                "storage_path": str(ray_env / "sweeps"),
+                "mlflow": {"tracking_uri": gate.url},
+            }
+        )
+    )
+    client = _client(mlflow_server)
+    killed_at: list[float] = []
+
+    def kill_after_first_metric() -> None:
+        # The server dies once the first trial has logged its first evaluation.
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            exp = client.get_experiment_by_name("outage")
+            if exp is not None:
+                runs = client.search_runs([exp.experiment_id])
+                if any("student_accuracy" in r.data.metrics for r in runs):
+                    gate.close()
+                    killed_at.append(time.time())
+                    return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_after_first_metric, daemon=True)
+    killer.start()
+    try:
+        summary = run_sweep(spec, write=lambda _: None)
+        ended_at = time.time()
+        killer.join(timeout=5)
+        assert killed_at and killed_at[0] < ended_at  # the server died mid-sweep
+        assert all(r["status"] == "COMPLETE" for r in summary["rows"])  # training went on
+        gate.open()  # the server is back at the same URI
+        capsys.readouterr()
+        assert _cli("mlflow", "sync", summary["experiment_dir"]) == 0
+        exp = client.get_experiment_by_name("outage")
+        runs = client.search_runs([exp.experiment_id])
+        children = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
+        assert len(children) == 2 and len(runs) == 3  # one parent, one run per trial
+        for child in children:
+            assert child.info.status == "FINISHED"
+            steps = [
+                m.step for m in client.get_metric_history(child.info.run_id, "student_accuracy")
+            ]
+            assert steps == [10, STEPS, STEPS], steps  # every evaluation, none twice
+        counts = {
+            r.info.run_id: {
+                k: len(client.get_metric_history(r.info.run_id, k)) for k in r.data.metrics
+            }
+            for r in runs
+        }
+        assert _cli("mlflow", "sync", summary["experiment_dir"]) == 0
+        assert "sent 0 record(s)" in capsys.readouterr().out
+        again = {
+            r.info.run_id: {
+                k: len(client.get_metric_history(r.info.run_id, k)) for k in r.data.metrics
+            }
+            for r in client.search_runs([exp.experiment_id])
+        }
+        assert again == counts
+    finally:
+        gate.close()
