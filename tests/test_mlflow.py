@@ -422,6 +422,7 @@ class _Gate:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.sock = None
+        self.conns: list[socket.socket] = []
 
     def open(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", self.port))
@@ -434,6 +435,7 @@ class _Gate:
             except OSError:
                 return
             up = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [conn, up]
             for a, b in ((conn, up), (up, conn)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -450,8 +452,13 @@ class _Gate:
                     s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """Stop accepting and cut the open connections too, as a dying server would."""
         if self.sock is not None:
             self.sock.close()
+        for s in self.conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.conns.clear()
 
 
 def test_unreachable_server_buffers_and_sync_replays_once(
@@ -580,32 +587,6 @@ def test_sweep_nests_trial_runs_and_registers_a_loadable_best_student(
         torch.testing.assert_close(model(x), ServingStudent(student)(x), rtol=1e-5, atol=1e-5)
 
 
-class _KillableGate(_Gate):
-    """A gate whose close() also cuts the connections already open (a server that dies)."""
-
-    def __init__(self, target: str) -> None:
-        super().__init__(target)
-        self.conns: list[socket.socket] = []
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            up = socket.create_connection(("127.0.0.1", self.target))
-            self.conns += [conn, up]
-            for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def close(self) -> None:
-        super().close()
-        for s in self.conns:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        self.conns.clear()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_server_killed_mid_sweep_loses_nothing_after_sync(
@@ -613,7 +594,7 @@ def test_server_killed_mid_sweep_loses_nothing_after_sync(
 ):
     from cdfkd.tune import run_sweep
 
-    gate = _KillableGate(mlflow_server)
+    gate = _Gate(mlflow_server)
     gate.open()
     base = yaml.safe_load(_config(ray_env / "base.yaml", digits_ensemble).read_text())
     del base["tracking"]
