@@ -12,7 +12,6 @@ optimisers and its random streams. The loop (cdfkd/train.py) knows only:
 from __future__ import annotations
 
 import abc
-import math
 from typing import ClassVar
 
 import torch
@@ -359,8 +358,3 @@ def detached(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def mean_losses(steps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Per key, the mean over several updates' losses (keys of the first update)."""
     return {k: torch.stack([step[k] for step in steps]).mean() for k in steps[0]}
-
-
-def finite_or_raise(name: str, value: float, step: int) -> None:
-    if not math.isfinite(value):
-        raise FloatingPointError(f"loss {name!r} is {value} at step {step}")
