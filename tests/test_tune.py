@@ -80,7 +80,9 @@ def test_invalid_search_spaces_are_refused(tmp_path, digits_ensemble, search, me
         load_spec(spec)
 
 
-def test_spec_refuses_unknown_top_level_key_and_asha_with_two_objectives(tmp_path, digits_ensemble):
+def test_spec_refuses_unknown_key_asha_with_two_objectives_and_uri_storage(
+    tmp_path, digits_ensemble
+):
     from cdfkd.tune.spec import load_spec
 
     base = _base(digits_ensemble, tmp_path)
@@ -94,6 +96,12 @@ def test_spec_refuses_unknown_top_level_key_and_asha_with_two_objectives(tmp_pat
                 base_config=base,
                 scheduler={"type": "asha"},
                 objective={"second_metric": "student_params"},
+            )
+        )
+    with pytest.raises(ConfigError, match="shared filesystem"):
+        load_spec(
+            _write_spec(
+                tmp_path / "c.yaml", name="x", base_config=base, storage_path="s3://bucket/sweeps"
             )
         )
 
@@ -161,6 +169,12 @@ def test_small_sweep_completes_with_distinct_trials_and_shared_teachers(ray_env,
     for row in summary["rows"]:
         assert row["teachers_shared"] == 1.0
     assert any("rel_acc" in line for line in lines)  # the progress table was shown
+    # Each trial's run folder is in the experiment folder, also for the third trial,
+    # which ran on a reused actor (Ray would put its own trial folder elsewhere).
+    for row in summary["rows"]:
+        run_dir = Path(row["path"]) / "run"
+        assert run_dir.parent.parent == Path(summary["experiment_dir"]).resolve()
+        assert (run_dir / "student.pt").is_file() and (run_dir / "result.json").is_file()
 
 
 def test_nonfinite_trial_fails_cleanly_and_sweep_finishes(ray_env, digits_ensemble):
@@ -279,6 +293,9 @@ def test_two_node_cluster_places_trials_on_both_nodes(ray_env, digits_ensemble):
         summary = run_sweep(spec, address=f"127.0.0.1:{port}", write=lambda _: None)
         assert all(r["status"] == "COMPLETE" for r in summary["rows"])
         assert len({r["node_id"] for r in summary["rows"]}) == 2
+        # The remote node's trial wrote its run folder into the (shared) storage path too.
+        for row in summary["rows"]:
+            assert (Path(row["path"]) / "run" / "student.pt").is_file()
     finally:
         import ray
 

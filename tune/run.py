@@ -162,6 +162,7 @@ def run_sweep(
             teachers=ensemble_to_numpy(ensemble),
             objective=objective,
             resources=resources,
+            exp_dir=str(exp_dir.resolve()),
             mlflow=mlflow_ctx,
         ),
         resources,

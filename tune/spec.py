@@ -132,7 +132,9 @@ class SweepSpec(_Strict):
     scheduler: Scheduler = Scheduler()
     seed: int = 0
     storage_path: str = Field(
-        "runs/sweeps", description="experiment folders go to storage_path/name"
+        "runs/sweeps",
+        description="experiment folders go to storage_path/name; a local path, on a "
+        "filesystem every node mounts at the same place when the sweep spans nodes",
     )
     max_failures: int = Field(2, ge=0)
     mlflow: MLflowSpec = MLflowSpec()
@@ -144,6 +146,13 @@ class SweepSpec(_Strict):
         if self.objective.multi and self.scheduler.type == "asha":
             raise ValueError(
                 "ASHA needs one objective: drop objective.second_metric or use scheduler.type: none"
+            )
+        if "://" in self.storage_path:
+            # Trials write their run folders (checkpoints, student, MLflow outbox) here
+            # directly, so that `cdfkd mlflow sync` and the registry step find them.
+            raise ValueError(
+                f"storage_path {self.storage_path!r} is a URI: give a local path, a shared "
+                "filesystem (NFS, EFS, a mounted bucket) on a multi-node cluster"
             )
         return self
 

@@ -40,9 +40,14 @@ def distill_trainable(
     teachers,
     objective: dict,
     resources: dict,
+    exp_dir: str,
     mlflow: dict | None = None,
 ) -> None:
     """Tune function trainable. ``teachers`` arrives through the object store (numpy, zero-copy).
+
+    The run folder is ``exp_dir/<trial folder>/run``, in the sweep's storage (shared between
+    nodes on a cluster), not in Ray's per-session folders: Ray leaves a reused actor's trial
+    folder, and every remote node's, out of the experiment folder.
 
     ``mlflow``: tracking URI, experiment and parent run from the driver (None: no tracking);
     the trial logs to its own child run, kept in ``run/mlflow_run.json`` across restarts.
@@ -59,7 +64,7 @@ def distill_trainable(
     shared = 1.0 if shares_memory(ensemble, teachers) else 0.0
     node_id = ray.get_runtime_context().get_node_id()
 
-    out = Path(tune.get_context().get_trial_dir()) / "run"
+    out = Path(exp_dir) / Path(tune.get_context().get_trial_dir()).name / "run"
     resume = False
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -68,8 +73,8 @@ def distill_trainable(
         out.mkdir(parents=True, exist_ok=True)
         with checkpoint.as_directory() as d:
             shutil.copy2(Path(d) / CHECKPOINT, out / CHECKPOINT)
-            # A new Ray session gives the trial a new, empty folder: bring back which
-            # MLflow run it logs to and what it still owes (a same-session retry has them).
+            # A run folder lost with its node, or a copied experiment folder, lacks the
+            # MLflow state: bring back which run it logs to and what it still owes.
             unpack_state(Path(d), out)
         resume = True
     elif out.exists():
