@@ -65,6 +65,11 @@ def train_ensemble_ray(
     from cdfkd.teachers import TeacherEnsemble, evaluate_ensemble, save_ensemble
     from cdfkd.teachers.train import eval_loader
 
+    # Loaded (and downloaded if missing) here first: tasks on other nodes then find the
+    # files in a shared data root instead of downloading them into it all at once.
+    _, test_ds, info = load_dataset(
+        cfg.dataset, root=data_root, image_size=cfg.image_size, seed=cfg.split_seed
+    )
     task = ray.remote(num_cpus=cpus_per_teacher, num_gpus=gpus_per_teacher)(_train_one)
     threads = max(1, int(cpus_per_teacher))
     pending = [task.remote(asdict(cfg), i, str(data_root), threads) for i in range(cfg.count)]
@@ -77,9 +82,6 @@ def train_ensemble_ray(
             progress(
                 f"teacher {out['index'] + 1}/{cfg.count} done: test accuracy {out['accuracy']:.4f}"
             )
-    _, test_ds, info = load_dataset(
-        cfg.dataset, root=data_root, image_size=cfg.image_size, seed=cfg.split_seed
-    )
     models = []
     for i in range(cfg.count):
         model = create_model(

@@ -33,6 +33,46 @@ def _sweep(sub: _Subparsers) -> None:
     p.set_defaults(func=_run_sweep)
 
 
+@command
+def _cluster(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "cluster",
+        help="check a Ray cluster file (cluster.yaml) offline before `ray up`",
+        description="Validate a cluster-launcher file against Ray's schema and cdfkd's needs "
+        "(token authentication, a private dashboard, security groups, a shared file system) "
+        "and list the <PLACEHOLDERS> still to fill in; with --spec, check that the sweep's "
+        "trials fit a node type and that its storage_path is on the shared file system. "
+        "Exit 1 while anything is an error or still to fill in.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = actions.add_parser("check", help="report what `ray up` would trip on")
+    c.add_argument("file", nargs="?", default="cluster.yaml", help="default: ./cluster.yaml")
+    c.add_argument("--spec", default=None, help="a sweep spec meant for this cluster")
+    c.set_defaults(func=_run_cluster_check)
+
+
+def _run_cluster_check(args: argparse.Namespace) -> int:
+    from cdfkd.tune.cluster import check_cluster
+
+    findings = check_cluster(args.file, args.spec)
+    for finding in findings:
+        print(finding)
+    blocking = [f for f in findings if f.level != "warning"]
+    warnings = len(findings) - len(blocking)
+    if blocking:
+        print(
+            f"{args.file}: {len(blocking)} to fix or fill in"
+            + (f", {warnings} warning(s)" if warnings else "")
+            + " before `ray up`"
+        )
+        return 1
+    print(
+        f"{args.file}: ready for `ray up {args.file}`"
+        + (f" ({warnings} warning(s))" if warnings else "")
+    )
+    return 0
+
+
 def _run_sweep(args: argparse.Namespace) -> int:
     # Ray's own console output (experiment banners, log dedup notices) would
     # bury the progress table; everything Ray writes goes to its log files.
