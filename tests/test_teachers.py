@@ -294,9 +294,12 @@ def test_vmap_matches_loop(arch: str, features: bool) -> None:
         results.append(([t.detach() for t in flat], xi.grad))
     (outs_loop, grad_loop), (outs_fused, grad_fused) = results
     assert len(outs_loop) == len(outs_fused)
+    # vmap runs other float32 kernels (other summation orders) than the loop: after
+    # resnet18's 18 layers single elements differ by ~1e-5; a wrong weight mapping
+    # would differ by O(1).
     for a, b in zip(outs_loop, outs_fused, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_fused, grad_loop, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_fused, grad_loop, rtol=1e-4, atol=1e-4)
     assert all(p.grad is None for p in fused.parameters())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -84,10 +85,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(digits_ensemble, tm
     raw["optim"] = {"lr": 10.0}
     with pytest.raises(
         NonFiniteLossError, match=r"loss 'student' became nan at step \d+.*last good checkpoint"
-    ):
+    ) as err:
         run(build_config(raw), tmp_path / "nan")
+    # Which step diverges first depends on the CPU's kernels; the checkpoint kept is
+    # the last one (every 5 steps) before it.
+    nan_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     kept = load_checkpoint(tmp_path / "nan" / CHECKPOINT)
-    assert kept["step"] == 5
+    assert kept["step"] % 5 == 0 and nan_step - 5 <= kept["step"] < nan_step
     assert all(torch.isfinite(v).all() for v in kept["student"].values())
 
 
