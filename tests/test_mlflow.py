@@ -196,11 +196,9 @@ def test_dead_server_costs_one_short_attempt_per_backoff_and_keeps_every_record(
         "x",
         retry=RetryPolicy(first_delay_s=60),
     )
-    t0 = time.perf_counter()
     lg.log_params({"a": 1})
     for step in range(5):
         lg.log_metrics({"m": step / 2, "skipped": "text"}, step)
-    assert time.perf_counter() - t0 < 5
     assert len(attempts) == 1  # later calls fall inside the back-off and only append to the outbox
     lg.close("FAILED")
     assert len(attempts) == 2  # closing makes one last attempt
@@ -468,9 +466,7 @@ def test_unreachable_server_buffers_and_sync_replays_once(
     gate = _Gate(mlflow_server)
     cfg = _config(tmp_path / "cgdd.yaml", digits_ensemble, uri=gate.url, experiment="offline")
     out = tmp_path / "runs" / "offline"
-    t0 = time.perf_counter()
-    assert _distill(cfg, out) == 0  # training is not held up by the dead server
-    assert time.perf_counter() - t0 < 120
+    assert _distill(cfg, out) == 0  # training goes on while the server is dead
     assert (out / "result.json").is_file()
     assert _run_id(out) is None
     pending = [json.loads(line) for line in (out / "mlflow_pending.jsonl").read_text().splitlines()]
@@ -590,12 +586,19 @@ def test_sweep_nests_trial_runs_and_registers_a_loadable_best_student(
 @pytest.mark.ray
 @pytest.mark.slow
 def test_server_killed_mid_sweep_loses_nothing_after_sync(
-    ray_env, digits_ensemble, mlflow_server, capsys
+    ray_env, digits_ensemble, mlflow_server, capsys, monkeypatch
 ):
     from cdfkd.tune import run_sweep
+    from faults.cdfkd_faults import worker_env
 
     gate = _Gate(mlflow_server)
     gate.open()
+    # The first trial waits at the start of step 11, after logging its step-10 evaluation,
+    # until the test has killed the server: the outage happens mid-sweep for certain.
+    marker, release = ray_env / "held.json", ray_env / "release"
+    env = worker_env({"hold": {"step": 11, "marker": str(marker), "release": str(release)}})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     base = yaml.safe_load(_config(ray_env / "base.yaml", digits_ensemble).read_text())
     del base["tracking"]
     spec = ray_env / "outage.yaml"
@@ -616,28 +619,24 @@ def test_server_killed_mid_sweep_loses_nothing_after_sync(
         )
     )
     client = _client(mlflow_server)
-    killed_at: list[float] = []
+    seen_before_kill: list[bool] = []
 
-    def kill_after_first_metric() -> None:
-        # The server dies once the first trial has logged its first evaluation.
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            exp = client.get_experiment_by_name("outage")
-            if exp is not None:
-                runs = client.search_runs([exp.experiment_id])
-                if any("student_accuracy" in r.data.metrics for r in runs):
-                    gate.close()
-                    killed_at.append(time.time())
-                    return
-            time.sleep(0.5)
+    def kill_when_held() -> None:
+        deadline = time.time() + 600  # a generous bound on a wait, not a timing assumption
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        exp = client.get_experiment_by_name("outage")
+        runs = client.search_runs([exp.experiment_id]) if exp is not None else []
+        seen_before_kill.append(any("student_accuracy" in r.data.metrics for r in runs))
+        gate.close()
+        release.touch()
 
-    killer = threading.Thread(target=kill_after_first_metric, daemon=True)
+    killer = threading.Thread(target=kill_when_held, daemon=True)
     killer.start()
     try:
         summary = run_sweep(spec, write=lambda _: None)
-        ended_at = time.time()
         killer.join(timeout=5)
-        assert killed_at and killed_at[0] < ended_at  # the server died mid-sweep
+        assert seen_before_kill == [True]  # the server died after the first evaluation
         assert all(r["status"] == "COMPLETE" for r in summary["rows"])  # training went on
         for row in summary["rows"]:  # what each trial owes MLflow is in the experiment folder
             assert (Path(row["path"]) / "run" / "mlflow_run.json").is_file()
