@@ -48,6 +48,7 @@ def _spec(
 
 def measure(teachers: str, concurrency: int, trials: int, steps: int) -> dict:
     import ray
+
     from cdfkd.tune import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,9 +18,7 @@ says ``"selection": "train_loss"``). The test set is used only for the final rep
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,10 +29,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cdfkd.config import AggregationConfig
+from cdfkd.data import class_balanced_subset
+from cdfkd.device import resolve_device
+from cdfkd.files import torch_save_atomic
+from cdfkd.runs import AGGREGATOR, RunDir
 
 log = logging.getLogger(__name__)
-
-AGGREGATOR = "aggregator.pt"
 
 
 class HeaderAttention(nn.Module):
@@ -184,8 +184,6 @@ def _test_accuracies(
 def _aggregate(
     logits_fn, train_ds, test_loader, agg_cfg: AggregationConfig, num_classes, device, out_dir
 ):
-    from cdfkd.data import class_balanced_subset
-
     m = agg_cfg.few_shot
     if m < 1:
         raise ValueError("aggregation needs few_shot >= 1 real samples per class")
@@ -203,7 +201,7 @@ def _aggregate(
     avg_acc, agg_acc = _test_accuracies(logits_fn, model, test_loader, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / AGGREGATOR)
+    torch_save_atomic(model.state_dict(), out / AGGREGATOR)
     log.info("aggregation (M=%d): averaging %.4f -> aggregated %.4f", m, avg_acc, agg_acc)
     return {
         "few_shot": m,
@@ -261,28 +259,13 @@ def aggregate_run(run_dir, few_shot: int, device=None, data_root=None) -> dict:
     entry of ``run_dir/result.json`` (created if the run has none). ``data_root``
     overrides the config's ``data.root``; ``device`` None picks cuda when available.
     """
-    import yaml
-
-    from cdfkd.config import ConfigError, build_config
-    from cdfkd.train import RESULT, resolve_device
-
-    run = Path(run_dir)
-    cfg_path, weights = run / "config.yaml", run / "student.pt"
-    for path in (cfg_path, weights):
-        if not path.is_file():
-            raise ConfigError(f"{run} is not a finished run: {path.name} is missing")
-    raw = yaml.safe_load(cfg_path.read_text()) or {}
-    cfg = build_config(raw, [f"aggregation.few_shot={few_shot}"], source=str(cfg_path))
+    run = RunDir(run_dir)
+    cfg = run.read_config([f"aggregation.few_shot={few_shot}"])
     if data_root is not None:
         cfg.data.root = str(data_root)
-    device = resolve_device("auto") if device is None else torch.device(device)
-
-    d = cfg.data
-    train_ds, test_ds, info = d.load(augment=False)
-    s = cfg.student
-    student = s.build(info.num_classes, info.channels, info.image_size)
-    student.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    student.to(device)
+    device = resolve_device(device or "auto")
+    train_ds, test_ds, info = cfg.data.load(augment=False)
+    student, _ = run.load_student(device, info)
     test_loader = DataLoader(test_ds, batch_size=cfg.train.eval_batch_size, shuffle=False)
     agg = _aggregate(
         _frozen_logits_fn(student),
@@ -291,12 +274,7 @@ def aggregate_run(run_dir, few_shot: int, device=None, data_root=None) -> dict:
         cfg.aggregation,
         info.num_classes,
         device,
-        run,
+        run.path,
     )
-    result_path = run / RESULT
-    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
-    result["aggregation"] = agg
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, result_path)
+    run.update_result("aggregation", agg)
     return agg

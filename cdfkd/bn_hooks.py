@@ -2,28 +2,23 @@
 
 The loss itself is pure (:func:`cdfkd.losses.bn_statistics`); this module is
 the stateful part. A :class:`BNStatsRecorder` puts one forward hook on each
-given BN layer. While enabled, every forward through a layer stores the
-per-channel mean and biased variance of that layer's *input*, with their
-autograd graph so the generator receives gradients. While disabled the hooks
-return at once, so the student step's no-grad teacher passes cost nothing
-(the reference computed and discarded the statistics there).
+given BN layer; every forward through a layer stores the per-channel mean and
+biased variance of that layer's *input*, with their autograd graph so the
+generator receives gradients. The hooks live only inside the ``with`` block of
+the generator step, so every other teacher pass (the student steps', no-grad)
+runs hook-free and costs nothing extra (the reference computed and discarded the
+statistics there).
 
-Typical generator step::
+The generator step (``cdfkd.methods.base.TeacherBNPrior``)::
 
-    with BNStatsRecorder.from_modules(teacher) as rec:       # hooks live here
-        ...
-        rec.clear()
-        logits = teacher(generator(z))                       # enabled: captured
+    with BNStatsRecorder(batchnorm_layers(teacher)) as rec:   # hooks live here
+        logits = teacher(generator(z))                        # captured
         loss = bn_statistics(*rec.statistics(), rescale=first_layer_rescale(len(rec)))
-        ...
-        with rec.paused():
-            teacher(x_student_step)                          # nothing captured
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -44,14 +39,12 @@ class BNStatsRecorder:
     ``x`` of shape ``(N, C, *)`` the recorded ``mean`` and ``var`` are ``(C,)``
     vectors over every dimension but C; ``var`` is biased (``correction=0``), the
     estimator BN normalises with. A layer called twice keeps the latest call.
-
-    ``enabled`` can be flipped at any time (or use :meth:`paused`); a disabled
-    recorder stores nothing. :meth:`close` (or leaving the ``with`` block)
-    removes the hooks and drops the stored tensors.
+    :meth:`close` (or leaving the ``with`` block) removes the hooks and drops the
+    stored tensors.
     """
 
-    def __init__(self, layers: Iterable[nn.Module], enabled: bool = True) -> None:
-        self.layers: list[_BatchNorm] = list(layers)
+    def __init__(self, layers: Iterable[nn.Module]) -> None:
+        self.layers: list[_BatchNorm] = list(layers)  # type: ignore[arg-type]  # checked below
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, _BatchNorm):
                 raise TypeError(
@@ -63,7 +56,6 @@ class BNStatsRecorder:
                     f"layer {i} has no running statistics (track_running_stats=False), so there is "
                     "nothing to match; leave it out of the recorder"
                 )
-        self.enabled = enabled
         self._means: list[torch.Tensor | None] = [None] * len(self.layers)
         self._vars: list[torch.Tensor | None] = [None] * len(self.layers)
         self._handles = [
@@ -71,15 +63,8 @@ class BNStatsRecorder:
         ]
         self._closed = False
 
-    @classmethod
-    def from_modules(cls, *modules: nn.Module, enabled: bool = True) -> BNStatsRecorder:
-        """A recorder on every BatchNorm layer of ``modules`` (e.g. all teachers)."""
-        return cls(batchnorm_layers(*modules), enabled=enabled)
-
     def _make_hook(self, index: int):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if not self.enabled:
-                return
             x = inputs[0]
             dims = [0, *range(2, x.dim())]
             var, mean = torch.var_mean(x, dim=dims, correction=0)
@@ -95,25 +80,10 @@ class BNStatsRecorder:
     def closed(self) -> bool:
         return self._closed
 
-    @property
-    def captured(self) -> list[bool]:
-        """Per layer: whether statistics were recorded since the last :meth:`clear`."""
-        return [m is not None for m in self._means]
-
     def clear(self) -> None:
         """Forget recorded statistics (and the graphs they keep alive)."""
         self._means = [None] * len(self.layers)
         self._vars = [None] * len(self.layers)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[BNStatsRecorder]:
-        """Temporarily disable recording, restoring the previous state afterwards."""
-        previous = self.enabled
-        self.enabled = False
-        try:
-            yield self
-        finally:
-            self.enabled = previous
 
     def statistics(
         self,
@@ -124,15 +94,18 @@ class BNStatsRecorder:
 
         Raises ``RuntimeError`` if a layer has recorded nothing since :meth:`clear`.
         """
+        means = [m for m in self._means if m is not None]
+        variances = [v for v in self._vars if v is not None]
         missing = [i for i, m in enumerate(self._means) if m is None]
         if missing:
             raise RuntimeError(
-                f"BN statistics missing for layers {missing}: run an enabled forward "
-                "through them after clear()"
+                f"BN statistics missing for layers {missing}: run a forward through them "
+                "after clear() and before close()"
             )
-        running_means = [layer.running_mean.detach() for layer in self.layers]
-        running_vars = [layer.running_var.detach() for layer in self.layers]
-        return list(self._means), list(self._vars), running_means, running_vars
+        # Every layer has running statistics (checked in __init__).
+        running_means = [layer.running_mean.detach() for layer in self.layers]  # type: ignore[union-attr]
+        running_vars = [layer.running_var.detach() for layer in self.layers]  # type: ignore[union-attr]
+        return means, variances, running_means, running_vars
 
     def close(self) -> None:
         """Remove every hook and drop recorded statistics. Safe to call twice."""

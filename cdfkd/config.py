@@ -13,15 +13,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 
+from cdfkd.data import load_dataset
+from cdfkd.errors import ConfigError
+from cdfkd.methods import MethodConfig, method_config_class
+from cdfkd.models import create_student
+from cdfkd.schema import Strict as _Strict
+from cdfkd.schema import format_errors
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message names each problem and its fix."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = [
+    "AggregationConfig",
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "GeneratorConfig",
+    "MethodConfig",
+    "OptimConfig",
+    "ReferenceConfig",
+    "StudentConfig",
+    "TeacherConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "apply_values",
+    "build_config",
+    "load_config",
+]
 
 
 class DataConfig(_Strict):
@@ -35,8 +53,6 @@ class DataConfig(_Strict):
 
     def load(self, augment: bool = True):
         """(train, test, DatasetInfo) of this dataset (cdfkd.data.load_dataset)."""
-        from cdfkd.data import load_dataset
-
         return load_dataset(
             self.name,
             root=self.root,
@@ -62,8 +78,6 @@ class StudentConfig(_Strict):
 
     def build(self, num_classes: int, in_channels: int, image_size: int):
         """The student this config describes (cdfkd.models.create_student)."""
-        from cdfkd.models import create_student
-
         return create_student(
             self.arch,
             num_classes=num_classes,
@@ -153,13 +167,6 @@ class TrackingConfig(_Strict):
     log_model: bool = Field(True, description="log the student with mlflow.pytorch.log_model")
 
 
-class MethodConfig(_Strict):
-    """Fields every method has; each method subclasses this with its own weights."""
-
-    name: str
-    student_steps: int = Field(1, ge=1, le=100, description="student updates per generator update")
-
-
 class ExperimentConfig(_Strict):
     method: SerializeAsAny[MethodConfig]
     data: DataConfig = DataConfig()
@@ -178,8 +185,6 @@ class ExperimentConfig(_Strict):
         # Pick the method's own config class so its fields are validated (and
         # unknown ones refused) here, at the edge, not when the method runs.
         if isinstance(data, dict) and isinstance(data.get("method"), dict):
-            from cdfkd.methods import method_config_class
-
             data = dict(data)
             data["method"] = method_config_class(data["method"].get("name", ""))(**data["method"])
         return data
@@ -223,21 +228,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return apply_values(raw, values)
 
 
-def _format_errors(err: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        where = (
-            prefix + ".".join(str(p) for p in e["loc"])
-            if e["loc"]
-            else prefix.rstrip(".") or "(top level)"
-        )
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/ for examples)"
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
-
-
 def build_config(
     raw: dict, overrides: list[str] | None = None, source: str = "config"
 ) -> ExperimentConfig:
@@ -251,19 +241,17 @@ def build_config(
     method = raw.get("method")
     if isinstance(method, dict):
         # Validated on its own first so its errors are reported as method.<key>.
-        from cdfkd.methods import method_config_class
-
         try:
             method_config_class(method.get("name", "")).model_validate(method)
         except ValidationError as err:
-            problems.append(_format_errors(err, prefix="method."))
+            problems.append(format_errors(err, prefix="method."))
             raw = {**raw, "method": {"name": method["name"]}}
         except KeyError as err:
             raise ConfigError(f"{source} is invalid: method.name: {err.args[0]}") from None
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        problems.append(_format_errors(err))
+        problems.append(format_errors(err))
     except (KeyError, ValueError) as err:
         problems.append(f"  {err.args[0] if err.args else err}")
     if problems:

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 REFERENCE_KINDS = ("ensemble", "best_teacher", "kd_real")
+
+#: What every finished run reports under these names: result.json, a trial's last Tune
+#: result, results.csv, MLflow, the progress table and the reports' tables.
+RESULT_METRICS = (
+    "relative_accuracy",
+    "student_accuracy",
+    "proxy",
+    "student_params",
+    "student_macs",
+    "wall_seconds",
+)
 
 
 @torch.no_grad()
@@ -37,7 +49,7 @@ def evaluate_headers(
         heads = (logits.argmax(-1) == y.unsqueeze(0)).sum(1).cpu()
         correct_heads = heads if correct_heads is None else correct_heads + heads
         seen += len(y)
-    if seen == 0:
+    if seen == 0 or correct_heads is None:
         raise ValueError("evaluation set is empty")
     return {
         "accuracy": correct_mean / seen,
@@ -106,23 +118,35 @@ def agreement_proxy(
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); nan for fewer than 3 pairs."""
+    """Spearman rank correlation (``scipy.stats.spearmanr``, average ranks for ties); nan for
+    fewer than 3 pairs or a constant sequence."""
+    from scipy.stats import spearmanr
+
     if len(a) != len(b):
         raise ValueError("spearman needs two sequences of equal length")
-    if len(a) < 3:
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
         return float("nan")
+    return float(spearmanr(a, b).statistic)
 
-    def ranks(v: list[float]) -> torch.Tensor:
-        t = torch.tensor(v, dtype=torch.float64)
-        order = t.argsort()
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for value in t.unique():  # ties share their mean rank
-            mask = t == value
-            r[mask] = r[mask].mean()
-        return r
 
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = (ra.norm() * rb.norm()).item()
-    return float("nan") if denom == 0 else (ra @ rb).item() / denom
+def pareto_front(points: Sequence[Sequence[float]], maximize: Sequence[bool]) -> list[bool]:
+    """For each point, True when no other point is at least as good in every objective and
+    better in one (``maximize[k]``: objective k is maximised, else minimised).
+
+    The one Pareto rule of the project: the sweep's front (``cdfkd.tune``) and the
+    reports' accuracy-vs-size front both call it. Points with a NaN are never on it.
+    """
+    signs = [1.0 if m else -1.0 for m in maximize]
+    scored = [
+        None
+        if any(math.isnan(v) for v in p)
+        else tuple(s * v for s, v in zip(signs, p, strict=True))
+        for p in points
+    ]
+
+    def dominates(a: tuple, b: tuple) -> bool:
+        return all(x >= y for x, y in zip(a, b, strict=True)) and a != b
+
+    return [
+        p is not None and not any(q is not None and dominates(q, p) for q in scored) for p in scored
+    ]

@@ -1,101 +1,109 @@
-"""The distillation loop: ``run(cfg, out_dir) -> result``. The CLI and the sweep both call it."""
+"""The distillation loop: ``run(cfg, out_dir) -> result``. The CLI and the sweep both call it.
+
+``run`` reads as its three parts: :func:`setup` (checks, data, teachers, the method,
+a resumed checkpoint), :func:`train_loop` (one method round per step, evaluations and
+checkpoints at their cadence) and :func:`finish` (the final evaluation, the run
+folder's result files, the logger's final records).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from cdfkd.config import ConfigError, ExperimentConfig
+from cdfkd.aggregation import run_aggregation
+from cdfkd.config import ExperimentConfig
+from cdfkd.data import DatasetInfo
+from cdfkd.device import resolve_device
+from cdfkd.errors import ConfigError, NonFiniteLossError
+from cdfkd.methods import DistillMethod, create_method
 from cdfkd.metrics import agreement_proxy, evaluate_headers, reference_accuracy, relative_accuracy
+from cdfkd.models import count_macs, count_params
+from cdfkd.runs import CHECKPOINT, CONFIG, RESULT, SAMPLES, RunDir, load_checkpoint
+from cdfkd.teachers import TeacherEnsemble, load_ensemble, read_manifest
+from cdfkd.tracking.protocol import MetricLogger, NullLogger, flatten
+
+__all__ = [
+    "CHECKPOINT",
+    "RESULT",
+    "NonFiniteLossError",
+    "Session",
+    "finish",
+    "load_checkpoint",
+    "preflight",
+    "run",
+    "setup",
+    "train_loop",
+]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
+#: ``on_progress(step, total, {"loss/<name>": value})``, after every step
+ProgressFn = Callable[[int, int, dict], None]
+#: ``on_eval(step, metrics, run folder)``, after each evaluation and its checkpoint
+EvalFn = Callable[[int, dict, Path], None]
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or inf; the run stopped and its last good checkpoint is kept."""
+def run(
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    logger: MetricLogger | None = None,
+    resume: bool = False,
+    teachers: TeacherEnsemble | None = None,
+    on_progress: ProgressFn | None = None,
+    on_eval: EvalFn | None = None,
+) -> dict:
+    """Distil ``cfg.teachers`` into a student with ``cfg.method``; write and return result.json.
+
+    ``teachers`` may be passed in (the sweep ships one ensemble to every trial).
+    """
+    session = setup(cfg, out_dir, logger=logger, resume=resume, teachers=teachers)
+    train_loop(session, on_progress, on_eval)
+    return finish(session)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available here: use cpu or auto")
-    return device
+@dataclass
+class Session:
+    """What :func:`setup` builds and the loop and :func:`finish` use."""
+
+    cfg: ExperimentConfig
+    run_dir: RunDir
+    device: torch.device
+    info: DatasetInfo
+    teachers: TeacherEnsemble
+    method: DistillMethod
+    train_data: torch.utils.data.Dataset
+    test_loader: torch.utils.data.DataLoader
+    reference: dict  # kind, accuracy, name, teacher accuracies, ensemble accuracy
+    logger: MetricLogger
+    started_at_step: int
+    t_start: float = field(default_factory=time.time)
+    loop_seconds: float = 0.0
 
 
-def _loader(ds, batch_size: int, device: torch.device):
-    # Its own generator: iterating a DataLoader otherwise draws a seed from the
-    # global RNG, and evaluation must not shift what training draws next.
-    return torch.utils.data.DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=0,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),
-    )
+# ----------------------------------------------------------------------------- setup
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    # A crash mid-write must not destroy the last good checkpoint.
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, corrupt or not ours
-        raise ConfigError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
-            "delete it to start over, or restore it from a backup"
-        ) from None
-
-
-def save_sample_grid(method, info, path: Path) -> Path | None:
-    """De-normalised generated samples as a PNG grid (one row per class for conditional generators)."""
-    from torchvision.utils import save_image
-
-    images, ncol = method.sample_images()
-    if images.numel() == 0:
-        return None
-    mean = torch.tensor(info.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=images.device).view(1, -1, 1, 1)
-    save_image((images * std + mean).clamp(0, 1).cpu(), path, nrow=ncol, padding=1)
-    return path
-
-
-def preflight(cfg: ExperimentConfig, teachers=None) -> None:
+def preflight(cfg: ExperimentConfig, teachers: TeacherEnsemble | None = None) -> None:
     """Checks that need the file system, done before any data is loaded or any step runs.
 
     Collects every problem (missing teacher ensemble, a student structure the
     teachers' geometry or count cannot take, a missing kd_real reference) into
     one ConfigError.
     """
-    from cdfkd.teachers import read_manifest
-
     problems = []
     geometry = None
     if teachers is not None:
-        geometry = (
-            teachers.info.channels,
-            teachers.info.image_size,
-            teachers.info.num_classes,
-            teachers.num_teachers,
-        )
+        i = teachers.info
+        geometry = (i.channels, i.image_size, i.num_classes, teachers.num_teachers)
     else:
         try:
             m = read_manifest(cfg.teachers.path)
@@ -115,7 +123,7 @@ def preflight(cfg: ExperimentConfig, teachers=None) -> None:
                 s.build(classes, channels, size)
             except (ValueError, KeyError) as err:
                 problems.append(f"student: {err.args[0] if err.args else err}")
-    if cfg.reference.kind == "kd_real" and not Path(cfg.reference.result).is_file():
+    if cfg.reference.kind == "kd_real" and not Path(cfg.reference.result or "").is_file():
         problems.append(
             f"reference.result: {cfg.reference.result} does not exist (run a kd_real distill first)"
         )
@@ -123,197 +131,222 @@ def preflight(cfg: ExperimentConfig, teachers=None) -> None:
         raise ConfigError("the config cannot run:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def run(
+def setup(
     cfg: ExperimentConfig,
     out_dir: str | Path,
     *,
-    logger=None,
+    logger: MetricLogger | None = None,
     resume: bool = False,
-    teachers=None,
-    on_progress: Callable[[int, int, dict], None] | None = None,
-    on_eval: Callable[[int, dict, Path], None] | None = None,
-) -> dict:
-    """Distil ``cfg.teachers`` into a student with ``cfg.method``; write and return result.json.
-
-    ``teachers`` may be passed in (the sweep ships one ensemble to every trial);
-    ``on_progress(step, total, losses)`` is called after every step and
-    ``on_eval(step, metrics, out_dir)`` after each evaluation and checkpoint.
-    """
-    from cdfkd.aggregation import run_aggregation
-    from cdfkd.methods import create_method
-    from cdfkd.models import count_macs, count_params
-    from cdfkd.teachers import load_ensemble
-    from cdfkd.tracking import NullLogger, flatten
-
+    teachers: TeacherEnsemble | None = None,
+) -> Session:
+    """Everything before the first step; refusals come before any data is loaded."""
     preflight(cfg, teachers)
-    logger = logger or NullLogger()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists() and not resume:
-        raise ConfigError(
-            f"{out} already holds a run: pass --resume to continue it, or choose another --out"
-        )
-    if resume and not ckpt_path.exists():
-        raise ConfigError(f"--resume: no {CHECKPOINT} in {out}; run without --resume to start")
-    t_start = time.time()
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-
-    # Data: the test split for evaluation; the train split only for kd_real and few-shot.
-    d = cfg.data
-    train_ds, test_ds, info = d.load()
-    test_loader = _loader(test_ds, tc.eval_batch_size, device)
-
-    # Teachers: the one way in is a verified ensemble directory.
-    if teachers is None:
+    run_dir = RunDir(out_dir)
+    run_dir.prepare(resume)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    train_ds, test_ds, info = cfg.data.load()
+    test_loader = eval_loader(test_ds, cfg.train.eval_batch_size, device)
+    if teachers is None:  # the one way in is a verified ensemble directory
         teachers = load_ensemble(
             cfg.teachers.path, device, expect_num_classes=info.num_classes, mode=cfg.teachers.mode
         )
-    t_info = teachers.info
-    if (t_info.channels, t_info.image_size) != (info.channels, info.image_size):
+    t = teachers.info
+    if (t.channels, t.image_size) != (info.channels, info.image_size):
         raise ConfigError(
-            f"teachers expect {t_info.channels}x{t_info.image_size}px inputs but data gives "
-            f"{info.channels}x{info.image_size}px: set data.image_size={t_info.image_size}"
+            f"teachers expect {t.channels}x{t.image_size}px inputs but data gives "
+            f"{info.channels}x{info.image_size}px: set data.image_size={t.image_size}"
         )
+    reference = measure_reference(cfg, teachers, test_loader, device)
+    method = create_method(cfg, teachers, info, device, train_data=train_ds)
+    if resume:
+        method.load_state_dict(run_dir.load_checkpoint())
+        log.info("resumed %s at step %d", run_dir.path, method.step_count)
+    if not resume or not (run_dir / CONFIG).exists():
+        run_dir.write_config(cfg)  # a trial resumed in a new Ray session has an empty folder
+    logger = logger or NullLogger()
+    logger.log_params(flatten(cfg.to_dict()))
+    logger.set_tags(
+        {"method": cfg.method.name, "dataset": info.name, "reference": cfg.reference.kind}
+    )
+    return Session(
+        cfg, run_dir, device, info, teachers, method, train_ds, test_loader, reference, logger,
+        started_at_step=method.step_count,
+    )  # fmt: skip
+
+
+def eval_loader(ds, batch_size: int, device: torch.device) -> torch.utils.data.DataLoader:
+    # Its own generator: iterating a DataLoader otherwise draws a seed from the
+    # global RNG, and evaluation must not shift what training draws next.
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )
+
+
+def measure_reference(cfg: ExperimentConfig, teachers, test_loader, device) -> dict:
+    """The accuracy relative accuracy divides by, with the teachers' own accuracies.
+
+    An ensemble saved without its accuracies has them measured on this test set.
+    """
     manifest = teachers.manifest
     kd_ref = None
     if cfg.reference.kind == "kd_real":
-        kd_ref = json.loads(Path(cfg.reference.result).read_text())
+        kd_ref = json.loads(Path(cfg.reference.result or "").read_text())
     ref_acc = reference_accuracy(cfg.reference.kind, manifest, kd_ref)
     teacher_accs = [t.get("test_accuracy") for t in manifest["teachers"]]
+    ensemble_acc = manifest.get("ensemble_accuracy")
     if ref_acc is None or None in teacher_accs:
-        # An ensemble saved without its accuracies: measure them on this test set.
         measured = evaluate_headers(teachers, test_loader, device)
-        teacher_accs = measured["header_accuracy"]
-        manifest = {
-            **manifest,
-            "ensemble_accuracy": measured["accuracy"],
-            "teachers": [
-                {**t, "test_accuracy": a}
-                for t, a in zip(manifest["teachers"], teacher_accs, strict=True)
-            ],
-        }
+        teacher_accs, ensemble_acc = measured["header_accuracy"], measured["accuracy"]
+        entries = [
+            {**t, "test_accuracy": a}
+            for t, a in zip(manifest["teachers"], teacher_accs, strict=True)
+        ]
+        manifest = {**manifest, "ensemble_accuracy": ensemble_acc, "teachers": entries}
         ref_acc = reference_accuracy(cfg.reference.kind, manifest, kd_ref)
+    return {
+        "kind": cfg.reference.kind,
+        "accuracy": ref_acc,
+        "name": cfg.reference.name or cfg.reference.kind,
+        "teacher_accuracies": teacher_accs,
+        "ensemble_accuracy": ensemble_acc,
+    }
 
-    method = create_method(cfg, teachers, info, device, train_data=train_ds)
-    if resume:
-        method.load_state_dict(load_checkpoint(ckpt_path))
-        log.info("resumed %s at step %d", out, method.step_count)
-    if not resume or not (out / "config.yaml").exists():
-        # A trial resumed in a new Ray session starts from an empty folder.
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    logger.log_params(flatten(cfg.to_dict()))
-    logger.set_tags({"method": cfg.method.name, "dataset": d.name, "reference": cfg.reference.kind})
 
-    def evaluate(final: bool) -> dict:
-        ev = method.evaluate(test_loader, None if final else tc.max_eval_samples)
-        proxy = agreement_proxy(
-            method.predict,
-            lambda x: teachers(x).mean(0),
-            method.proxy_batches(4, min(tc.batch_size, 256)),
-            info.num_classes,
-        )
-        return {
-            "student_accuracy": ev["accuracy"],
-            "relative_accuracy": relative_accuracy(ev["accuracy"], ref_acc),
-            "proxy": proxy,
-            **{f"header_{i}_accuracy": a for i, a in enumerate(ev["header_accuracy"])},
-        }
+# ----------------------------------------------------------------------------- the loop
 
-    # Train: each step is one generator/student round of the method.
-    total = tc.steps
-    metrics: dict = {}
-    t_train = time.time()
-    steps_at_start = method.step_count
+
+def train_loop(
+    s: Session, on_progress: ProgressFn | None = None, on_eval: EvalFn | None = None
+) -> None:
+    """One method round per step until ``train.steps``; evaluations and checkpoints at
+    their cadence (and at the last step); a non-finite loss stops the run."""
+    tc, method = s.cfg.train, s.method
+    total, t0 = tc.steps, time.time()
     while method.step_count < total:
         losses = method.step()
         step = method.step_count
         values = torch.stack([v.float() for v in losses.values()])
         if not torch.isfinite(values).all():
-            bad = next(k for k, v in losses.items() if not torch.isfinite(v))
-            kept = (
-                f"last good checkpoint kept at {ckpt_path}"
-                if ckpt_path.exists()
-                else "no checkpoint yet"
-            )
-            raise NonFiniteLossError(
-                f"loss {bad!r} became {losses[bad].item()} at step {step}; {kept}. "
-                "Lower the learning rates or the loss weights, then resume or restart"
-            )
+            raise nonfinite_error(losses, step, s.run_dir)
         scalars = {f"loss/{k}": v for k, v in zip(losses, values.tolist(), strict=True)}
         if on_progress is not None:
             on_progress(step, total, scalars)
-        if step % tc.eval_every == 0 or step == total:
-            metrics = evaluate(final=False)
-            elapsed = time.time() - t_train
-            metrics["steps_per_second"] = (step - steps_at_start) / max(elapsed, 1e-9)
-            logger.log_metrics({**scalars, **metrics}, step)
+        evaluate_now = step % tc.eval_every == 0 or step == total
+        if evaluate_now:
+            metrics = evaluate(s, final=False)
+            metrics["steps_per_second"] = (step - s.started_at_step) / max(time.time() - t0, 1e-9)
+            s.logger.log_metrics({**scalars, **metrics}, step)
         if step % tc.checkpoint_every == 0 or step == total:
-            _save_atomic(method.state_dict(), ckpt_path)
-        if on_eval is not None and (step % tc.eval_every == 0 or step == total):
-            on_eval(step, metrics, out)
+            s.run_dir.save_checkpoint(method.state_dict())
+        if on_eval is not None and evaluate_now:
+            on_eval(step, metrics, s.run_dir.path)
+    s.loop_seconds = time.time() - t0
 
-    loop_seconds = time.time() - t_train
-    # Final: full test set, proxy, sizes, samples, optional few-shot aggregation.
-    final = evaluate(final=True)
-    c, s = info.channels, info.image_size
+
+def nonfinite_error(losses: dict, step: int, run_dir: RunDir) -> NonFiniteLossError:
+    bad = next(k for k, v in losses.items() if not torch.isfinite(v))
+    kept = (
+        f"last good checkpoint kept at {run_dir / CHECKPOINT}"
+        if run_dir.has_checkpoint
+        else "no checkpoint yet"
+    )
+    return NonFiniteLossError(
+        f"loss {bad!r} became {losses[bad].item()} at step {step}; {kept}. "
+        "Lower the learning rates or the loss weights, then resume or restart"
+    )
+
+
+def evaluate(s: Session, final: bool) -> dict:
+    """Accuracy on the test set (capped by ``train.max_eval_samples`` unless final), relative
+    accuracy and the data-free proxy."""
+    method, tc = s.method, s.cfg.train
+    ev = method.evaluate(s.test_loader, None if final else tc.max_eval_samples)
+    proxy = agreement_proxy(
+        method.predict,
+        lambda x: s.teachers(x).mean(0),
+        method.proxy_batches(4, min(tc.batch_size, 256)),
+        s.info.num_classes,
+    )
+    return {
+        "student_accuracy": ev["accuracy"],
+        "relative_accuracy": relative_accuracy(ev["accuracy"], s.reference["accuracy"]),
+        "proxy": proxy,
+        **{f"header_{i}_accuracy": a for i, a in enumerate(ev["header_accuracy"])},
+    }
+
+
+# ----------------------------------------------------------------------------- finish
+
+
+def finish(s: Session) -> dict:
+    """The final evaluation on the whole test set; result.json, student, samples, aggregation;
+    the logger's final metrics, artifacts and model."""
+    cfg, method, info, out = s.cfg, s.method, s.info, s.run_dir
+    final = evaluate(s, final=True)
+    ref = s.reference
     result = {
         "method": cfg.method.name,
-        "dataset": d.name,
+        "dataset": cfg.data.name,
         "teachers": {
             "path": str(cfg.teachers.path),
-            "archs": list(teachers.archs),
-            "accuracies": teacher_accs,
-            "ensemble_accuracy": manifest["ensemble_accuracy"],
+            "archs": list(s.teachers.archs),
+            "accuracies": ref["teacher_accuracies"],
+            "ensemble_accuracy": ref["ensemble_accuracy"],
         },
         "student_accuracy": final["student_accuracy"],
         "header_accuracies": [final[k] for k in sorted(final) if k.startswith("header_")],
         "relative_accuracy": final["relative_accuracy"],
-        "reference": {
-            "kind": cfg.reference.kind,
-            "accuracy": ref_acc,
-            "name": cfg.reference.name or cfg.reference.kind,
-        },
+        "reference": {k: ref[k] for k in ("kind", "accuracy", "name")},
         "proxy": final["proxy"],
         "student_params": count_params(method.student),
-        "student_macs": count_macs(method.student, (1, c, s, s)),
+        "student_macs": count_macs(method.student, (1, info.channels, info.image_size, info.image_size)),
         "steps": method.step_count,
-        "wall_seconds": time.time() - t_start,
-        "loop_seconds": loop_seconds,
-        "device": str(device),
+        "started_at_step": s.started_at_step,
+        "wall_seconds": time.time() - s.t_start,
+        "loop_seconds": s.loop_seconds,
+        "device": str(s.device),
         "host": platform.node(),
         "config": cfg.to_dict(),
-    }
-    torch.save(method.student.state_dict(), out / "student.pt")
-    grid = save_sample_grid(method, info, out / "samples.png")
+    }  # fmt: skip
+    out.save_student(method.student)
+    grid = save_sample_grid(method, info, out / SAMPLES)
     if cfg.aggregation.few_shot > 0:
         # The few real samples are seen as they are, without training-time augmentation.
-        plain_train, _, _ = d.load(augment=False)
+        plain_train, _, _ = cfg.data.load(augment=False)
         result["aggregation"] = run_aggregation(
-            method, plain_train, test_loader, cfg.aggregation, device, out
+            method, plain_train, s.test_loader, cfg.aggregation, s.device, out.path
         )
-    (out / RESULT).write_text(json.dumps(result, indent=2))
+    out.write_result(result)
     agg = result.get("aggregation") or {}
-    logger.log_metrics(
-        {
-            **final,
-            **{k: result[k] for k in ("student_params", "student_macs", "wall_seconds")},
-            **{
-                f"aggregation/{k}": agg[k]
-                for k in ("averaging_accuracy", "aggregated_accuracy")
-                if k in agg
-            },
-        },
-        method.step_count,
-    )
-    for artifact in (out / "config.yaml", out / RESULT, grid):
+    sizes = {k: result[k] for k in ("student_params", "student_macs", "wall_seconds")}
+    agg_metrics = {
+        f"aggregation/{k}": agg[k]
+        for k in ("averaging_accuracy", "aggregated_accuracy")
+        if k in agg
+    }
+    s.logger.log_metrics({**final, **sizes, **agg_metrics}, method.step_count)
+    for artifact in (out / CONFIG, out / RESULT, grid):
         if artifact is not None and artifact.exists():
-            logger.log_artifact(artifact)
-    # Model: loggers that keep models (MLflow) get the student and an example input batch.
-    for lg in getattr(logger, "loggers", [logger]):
-        if hasattr(lg, "log_model"):
-            lg.log_model(method.student, next(iter(test_loader))[0])
+            s.logger.log_artifact(artifact)
+    s.logger.log_model(method.student, next(iter(s.test_loader))[0])
     return result
+
+
+def save_sample_grid(method: DistillMethod, info: DatasetInfo, path: Path) -> Path | None:
+    """De-normalised generated samples as a PNG grid (one row per class for conditional generators)."""
+    from torchvision.utils import save_image
+
+    images, ncol = method.sample_images()
+    if images.numel() == 0:
+        return None
+    mean = torch.tensor(info.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=images.device).view(1, -1, 1, 1)
+    save_image((images * std + mean).clamp(0, 1).cpu(), path, nrow=ncol, padding=1)
+    return path

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
+
 from cdfkd.reports import plots
 from cdfkd.reports.html import ReportContent, pct, render_html, render_markdown
 from cdfkd.reports.importance import COLUMNS as IMPORTANCE_COLUMNS

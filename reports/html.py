@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pandas as pd
+
+from cdfkd.metrics import RESULT_METRICS
 from cdfkd.reports.query import PARAM
 
 _CSS = """
@@ -147,14 +149,7 @@ def importance_view(t: pd.DataFrame) -> pd.DataFrame:
 
 
 def runs_view(t: pd.DataFrame) -> pd.DataFrame:
-    for m in (
-        "relative_accuracy",
-        "student_accuracy",
-        "proxy",
-        "student_params",
-        "student_macs",
-        "wall_seconds",
-    ):
+    for m in RESULT_METRICS:
         if m not in t:
             t = t.assign(**{m: math.nan})
     return pd.DataFrame(

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+
 from cdfkd.reports.query import PARAM, ReportError
 from cdfkd.reports.tables import column, finished, varying_params
 
@@ -110,7 +111,7 @@ def param_importances(trials: pd.DataFrame, experiment: str) -> tuple[pd.DataFra
     with _quiet_optuna() as optuna:
         study = optuna.create_study(direction="maximize", study_name=experiment)
         for i, row in done.iterrows():
-            values = {}
+            values: dict[str, str | int | float] = {}
             for p in params:
                 key, v = p.removeprefix(PARAM), row[p]
                 if isinstance(dists[key], CategoricalDistribution):

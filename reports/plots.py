@@ -13,10 +13,11 @@ import math
 from pathlib import Path
 
 import pandas as pd
-from cdfkd.reports.tables import column, pareto_mask, structure_labels
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
+
+from cdfkd.reports.tables import column, pareto_mask, structure_labels
 
 
 def _figure(ncols: int = 1, width: float = 7.0, height: float = 4.2):

@@ -23,10 +23,11 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from cdfkd.config import ConfigError
+from cdfkd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +79,21 @@ class RunSet:
     experiments: dict[str, str]  # name -> experiment id, in the order asked for
     trials: pd.DataFrame
     parents: pd.DataFrame
-    client: object  # mlflow.MlflowClient, for histories and artifacts
+    client: Any  # mlflow.MlflowClient, for histories and artifacts
 
 
 def open_store(tracking_uri: str | None):
     """``(MlflowClient, resolved uri)`` after checking the store exists or the server answers.
 
-    The URI is resolved as the loggers resolve it (``cdfkd.mlflow_tracking``): None
+    The URI is resolved as the loggers resolve it (``cdfkd.tracking.uri``): None
     means ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working
     directory; a bare ``*.db`` path is a sqlite store.
     """
     import mlflow
 
-    from cdfkd.mlflow_tracking import resolve_tracking_uri
+    from cdfkd.tracking.uri import bound_http_requests, resolve_tracking_uri
 
+    bound_http_requests()
     uri = resolve_tracking_uri(tracking_uri)
     check_store(uri)
     return mlflow.MlflowClient(tracking_uri=uri), uri
@@ -125,9 +127,11 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
                 f"no MLflow store at {uri}: {Path(path).resolve()} does not exist; {_FIX}"
             )
     elif scheme in ("", "file") and len(scheme) != 1:  # len 1: a Windows drive letter
-        path = Path(urllib.parse.unquote(parsed.path) if scheme == "file" else uri)
-        if not path.is_dir():
-            raise ReportError(f"no MLflow store at {uri}: {path.resolve()} is not a folder; {_FIX}")
+        folder = Path(urllib.parse.unquote(parsed.path) if scheme == "file" else uri)
+        if not folder.is_dir():
+            raise ReportError(
+                f"no MLflow store at {uri}: {folder.resolve()} is not a folder; {_FIX}"
+            )
 
 
 @contextmanager
@@ -175,7 +179,7 @@ def load_runs(experiments: list[str], tracking_uri: str | None = None) -> RunSet
         raise ReportError("no experiment given: pass --experiment NAME or --compare NAME NAME ...")
     client, uri = open_store(tracking_uri)
     ids = find_experiments(client, uri, list(dict.fromkeys(experiments)))
-    rows = []
+    rows: list[dict] = []
     with _store_errors(uri, "read runs"):
         for name, exp_id in ids.items():
             before = len(rows)

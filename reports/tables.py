@@ -11,6 +11,8 @@ import math
 import re
 
 import pandas as pd
+
+from cdfkd.metrics import RESULT_METRICS, pareto_front
 from cdfkd.reports.query import PARAM
 
 #: params that pick a random stream, not a configuration (seeds get their own column)
@@ -22,14 +24,7 @@ STRUCTURE_KEYS = tuple(
     PARAM + "student." + k
     for k in ("arch", "family", "headers", "fuse_from", "share_until", "header_width")
 )
-METRICS = (
-    "relative_accuracy",
-    "student_accuracy",
-    "proxy",
-    "student_params",
-    "student_macs",
-    "wall_seconds",
-)
+METRICS = RESULT_METRICS
 
 
 def column(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -167,13 +162,8 @@ def best_table(trials: pd.DataFrame, top_k: int = 5) -> pd.DataFrame:
 
 def pareto_mask(frame: pd.DataFrame, cost: str = "student_params") -> pd.Series:
     """True for runs no other run beats on both higher relative accuracy and lower ``cost``."""
-    rel, size = column(frame, "relative_accuracy"), column(frame, cost)
-    ok = rel.notna() & size.notna()
-    mask = pd.Series(False, index=frame.index)
-    for i in frame.index[ok]:
-        better = ok & (rel >= rel[i]) & (size <= size[i]) & ((rel > rel[i]) | (size < size[i]))
-        mask[i] = not better.any()
-    return mask
+    points = list(zip(column(frame, "relative_accuracy"), column(frame, cost), strict=True))
+    return pd.Series(pareto_front(points, (True, False)), index=frame.index)
 
 
 def _num(v) -> str:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cdfkd.tune.cluster import check_cluster, shared_paths
 
 from cdfkd.cli import main
 from cdfkd.config import ConfigError
+from cdfkd.tune.cluster import check_cluster, shared_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"

@@ -138,7 +138,7 @@ def _write_images(folder: Path, n: int, fmt: str, mode: str = "RGB", first: int 
 
 @pytest.fixture
 def no_system_dirs(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", [tmp_path / "no-system"])
+    monkeypatch.setattr(data.mnist, "SYSTEM_DATA_DIRS", [tmp_path / "no-system"])
 
 
 @pytest.fixture
@@ -207,7 +207,7 @@ def test_digits_split_is_fixed_by_seed():
 )
 def test_mnist_family_found_in_system_dir(monkeypatch, tmp_path, no_network, name, folder, system):
     _write_mnist(tmp_path / "share" / system, gz=True)
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", [tmp_path / "empty", tmp_path / "share"])
+    monkeypatch.setattr(data.mnist, "SYSTEM_DATA_DIRS", [tmp_path / "empty", tmp_path / "share"])
     train, test, info = load_dataset(name, root=tmp_path / "data", download=False)
     assert (len(train), len(test)) == (20, 10)
     assert info.channels == 1 and info.num_classes == 10 and info.image_size == 32

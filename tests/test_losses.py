@@ -264,7 +264,7 @@ def _bn_net():
 def test_recorder_captures_input_statistics():
     net = _bn_net()
     x = torch.randn(4, 3, 6, 6)
-    with BNStatsRecorder.from_modules(net) as rec:
+    with BNStatsRecorder(batchnorm_layers(net)) as rec:
         assert len(rec) == 3
         net(x)
         means, vars_, r_means, r_vars = rec.statistics()
@@ -285,24 +285,18 @@ def test_recorder_gradient_flows_to_input():
     for p in net.parameters():
         p.requires_grad_(False)
     x = torch.randn(4, 3, 6, 6, requires_grad=True)
-    with BNStatsRecorder.from_modules(net) as rec:
+    with BNStatsRecorder(batchnorm_layers(net)) as rec:
         net(x)
         loss = losses.bn_statistics(*rec.statistics(), rescale=losses.first_layer_rescale(len(rec)))
     loss.backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_disabled_recorder_captures_nothing():
+def test_cleared_recorder_has_no_statistics():
     net = _bn_net()
-    rec = BNStatsRecorder(batchnorm_layers(net), enabled=False)
+    rec = BNStatsRecorder(batchnorm_layers(net))
     net(torch.randn(2, 3, 6, 6))
-    assert rec.captured == [False, False, False]
-    rec.enabled = True
-    with rec.paused():
-        net(torch.randn(2, 3, 6, 6))
-    assert rec.captured == [False, False, False] and rec.enabled
-    net(torch.randn(2, 3, 6, 6))
-    assert rec.captured == [True, True, True]
+    assert len(rec.statistics()[0]) == 3
     rec.clear()
     with pytest.raises(RuntimeError, match="missing"):
         rec.statistics()
@@ -311,13 +305,14 @@ def test_disabled_recorder_captures_nothing():
 
 def test_recorder_close_removes_hooks():
     net = _bn_net()
-    rec = BNStatsRecorder.from_modules(net)
+    rec = BNStatsRecorder(batchnorm_layers(net))
     assert all(len(bn._forward_hooks) == 1 for bn in batchnorm_layers(net))
     rec.close()
     assert rec.closed
     assert all(len(bn._forward_hooks) == 0 for bn in batchnorm_layers(net))
     net(torch.randn(2, 3, 6, 6))
-    assert rec.captured == [False, False, False]
+    with pytest.raises(RuntimeError, match="missing"):  # nothing was captured
+        rec.statistics()
     rec.close()  # idempotent
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cdfkd.config import build_config
-from cdfkd.methods import METHODS, create_method, list_methods
+from cdfkd.methods import LOSS_NAMES, METHODS, create_method, list_methods
 from cdfkd.models import create_model
 from cdfkd.teachers import TeacherEnsemble
 
@@ -105,10 +105,13 @@ def test_method_contract(name, student, teachers, digits, roundtrip):
     method = _build(name, student, teachers, digits)
     assert method.name == name and method.mcfg.name == name
 
-    # A few steps: named, finite, detached 0-d losses.
+    # A few steps: named from the one vocabulary, finite, detached 0-d losses; every
+    # method reports its student's total, and its generator's when it trains one.
     first = _run(method, STEPS)
     for losses in first:
-        assert losses and all(isinstance(k, str) for k in losses)
+        assert losses and set(losses) <= set(LOSS_NAMES), set(losses) - set(LOSS_NAMES)
+        assert "student" in losses
+        assert ("generator" in losses) == (method.generator is not None)
         for k, v in losses.items():
             assert v.dim() == 0 and not v.requires_grad, k
             assert torch.isfinite(v), f"{name}: loss {k} = {v}"

@@ -83,7 +83,7 @@ def test_dfad_generator_plays_against_the_student(teachers, digits):
     student_grads = [p.grad.clone() for p in method.student.parameters()]
     losses = method.generator_step()
     torch.testing.assert_close(losses["generator"], -expected.detach())
-    torch.testing.assert_close(losses["discrepancy"], expected.detach())
+    torch.testing.assert_close(losses["adversarial"], expected.detach())
     assert expected.item() > 1e-3
     # The adversarial term reaches G (the FDF bug would leave every gradient at 0) ...
     grads = [p.grad for p in method.generator.parameters()]

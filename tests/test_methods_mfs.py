@@ -90,7 +90,7 @@ def test_student_loss_falls(teachers, digits):
     student = [loss["student"].item() for loss in losses]
     assert _mean(student[-2:]) < 0.7 * _mean(student[:2])
     # each term of the student objective falls, not just the sum
-    for key in ("student_l1", "student_ens", "student_feat"):
+    for key in ("kd", "kd_ensemble", "feature"):
         assert losses[-1][key] < losses[0][key]
 
 
@@ -205,7 +205,7 @@ def test_heterogeneous_teachers_use_projections(lenets, digits):
     before = method.extra["proj_0_0"].weight.detach().clone()
     losses = [method.step() for _ in range(4)]
     assert not torch.equal(before, method.extra["proj_0_0"].weight)  # trained with the student
-    assert losses[-1]["student_feat"] < losses[0]["student_feat"]
+    assert losses[-1]["feature"] < losses[0]["feature"]
     # mfs headers embed in 60 dims: projections for both
     mfs = _method("cdfkd_mfs", mixed, digits, headers=2, steps=2, student_steps=1)
     assert set(mfs.extra.keys()) == {"proj_0_0", "proj_1_1"}

@@ -143,7 +143,8 @@ def _check_model(model_uri: str, uri: str, run_dir: Path, monkeypatch) -> None:
     import mlflow.pytorch
 
     from cdfkd.data import load_dataset
-    from cdfkd.mlflow_models import ServingStudent, student_from_run_dir
+    from cdfkd.tracking.export import ServingStudent
+    from cdfkd.tracking.model_registry import student_from_run_dir
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = mlflow.pytorch.load_model(model_uri)
@@ -161,7 +162,8 @@ def _check_model(model_uri: str, uri: str, run_dir: Path, monkeypatch) -> None:
 
 
 def test_tracking_uri_is_made_absolute(tmp_path, monkeypatch):
-    from cdfkd.mlflow_tracking import ensemble_id, resolve_tracking_uri
+    from cdfkd.teachers import ensemble_id
+    from cdfkd.tracking.uri import resolve_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -183,7 +185,8 @@ def test_tracking_uri_is_made_absolute(tmp_path, monkeypatch):
 def test_dead_server_costs_one_short_attempt_per_backoff_and_keeps_every_record(
     tmp_path, monkeypatch
 ):
-    from cdfkd.mlflow_tracking import MLflowLogger, RetryPolicy
+    from cdfkd.tracking.mlflow_logger import MLflowLogger
+    from cdfkd.tracking.uri import RetryPolicy
 
     attempts = []
     ensure = MLflowLogger._ensure_run
@@ -214,7 +217,7 @@ def test_dead_server_costs_one_short_attempt_per_backoff_and_keeps_every_record(
 
 
 def test_a_trial_whose_folder_was_lost_finds_its_run_by_trial_id(tmp_path, sqlite_uri):
-    from cdfkd.mlflow_tracking import MLflowLogger
+    from cdfkd.tracking.mlflow_logger import MLflowLogger
 
     parent = MLflowLogger(tmp_path / "exp", sqlite_uri, "ids")
     pid = parent.start()
@@ -244,6 +247,41 @@ def test_a_trial_whose_folder_was_lost_finds_its_run_by_trial_id(tmp_path, sqlit
     assert client.get_run(first.run_id).info.status == "FINISHED"
 
 
+def test_a_resumed_run_does_not_log_replayed_steps_twice(tmp_path, sqlite_uri):
+    from cdfkd.tracking.mlflow_logger import MLflowLogger
+
+    # First life: evaluations at 10 and 20, then the process dies (never closed). The
+    # checkpoint it resumes from is step 10, so the second life computes step 20 again.
+    first = MLflowLogger(tmp_path / "run", sqlite_uri, "replay")
+    first.log_metrics({"acc": 0.5, "loss/kd": 2.0}, 10)
+    first.log_metrics({"acc": 0.6, "loss/kd": 1.5}, 20)
+    again = MLflowLogger(tmp_path / "run", sqlite_uri, "replay")
+    again.log_metrics({"acc": 0.6, "loss/kd": 1.5}, 20)  # replayed: not logged again
+    again.log_metrics({"acc": 0.7, "loss/kd": 1.0}, 30)
+    again.log_metrics({"acc": 0.71}, 30)  # the final full-test-set value at the last step
+    again.close()
+    assert again.run_id == first.run_id
+    client = _client(sqlite_uri)
+    acc = client.get_metric_history(first.run_id, "acc")
+    assert [(m.step, m.value) for m in acc] == [(10, 0.5), (20, 0.6), (30, 0.7), (30, 0.71)]
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss/kd")] == [10, 20, 30]
+
+
+def test_using_tracking_uri_restores_an_unset_uri(tmp_path, monkeypatch):
+    # Pins the behaviour of the one wrapper around MLflow's private _use_tracking_uri.
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    from cdfkd.tracking.uri import using_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    inside = f"sqlite:///{tmp_path}/x.db"
+    with using_tracking_uri(inside):
+        assert mlflow.get_tracking_uri() == inside
+    assert utils._tracking_uri is None  # unset again, not frozen to a resolved default
+
+
 class _Recorder:
     """A metric logger that keeps every call (and has ``log_model``, as MLflowLogger does)."""
 
@@ -267,13 +305,13 @@ def test_run_hands_final_metrics_and_a_multi_header_student_to_the_logger(
     tmp_path, digits_ensemble
 ):
     from cdfkd.config import build_config
-    from cdfkd.mlflow_models import (
+    from cdfkd.tracking.export import (
         example_batch,
         load_program,
         save_program,
         serving_module,
     )
-    from cdfkd.tracking import MultiLogger
+    from cdfkd.tracking.protocol import MultiLogger
     from cdfkd.train import run
 
     raw = yaml.safe_load(_config(tmp_path / "c.yaml", digits_ensemble).read_text())
@@ -316,7 +354,7 @@ def test_run_hands_final_metrics_and_a_multi_header_student_to_the_logger(
 def test_distill_logs_params_metrics_tags_artifacts_and_model(
     backend, request, tmp_path, digits_ensemble, monkeypatch
 ):
-    from cdfkd.mlflow_tracking import ensemble_id_of_dir
+    from cdfkd.teachers import ensemble_id_of_dir
 
     monkeypatch.chdir(tmp_path)
     uri = request.getfixturevalue("sqlite_uri" if backend == "sqlite" else "mlflow_server")
@@ -517,9 +555,8 @@ def test_unreachable_server_buffers_and_sync_replays_once(
 def test_sweep_nests_trial_runs_and_registers_a_loadable_best_student(
     ray_env, digits_ensemble, mlflow_server
 ):
+    from cdfkd.tracking import load_registered_student, sync_runs
     from cdfkd.tune import run_sweep
-
-    from cdfkd.mlflow_tracking import load_registered_student, sync_runs
 
     base = yaml.safe_load(_config(ray_env / "base.yaml", digits_ensemble).read_text())
     del base["tracking"]
@@ -576,7 +613,8 @@ def test_sweep_nests_trial_runs_and_registers_a_loadable_best_student(
     assert any("registered mlsweep-best version 1" in line for line in lines)
     model = load_registered_student("mlsweep-best", tracking_uri=mlflow_server)
     x = torch.randn(5, 1, 32, 32)
-    from cdfkd.mlflow_models import ServingStudent, student_from_run_dir
+    from cdfkd.tracking.export import ServingStudent
+    from cdfkd.tracking.model_registry import student_from_run_dir
 
     student, _ = student_from_run_dir(Path(best["path"]) / "run")
     with torch.no_grad():

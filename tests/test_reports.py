@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
+
 from cdfkd.reports import ReportError, build_report
 from cdfkd.reports.importance import journal_importances, param_importances
 from cdfkd.reports.query import coerce_param
 from cdfkd.reports.tables import pareto_mask, structure_labels
-from PIL import Image
 
 REF = 0.95  # the teachers' ensemble accuracy every synthetic run is relative to
 T0 = 1_700_000_000_000  # ms
@@ -108,8 +109,9 @@ def _log_run(
 
 
 def _log_with_cdfkd_logger(uri: str, run_dir: Path, *, seed: int, rel: float) -> str:
-    """A distill run logged by cdfkd.mlflow_tracking.MLflowLogger with the calls of train.run."""
-    from cdfkd.mlflow_tracking import MLflowLogger, standard_tags
+    """A distill run logged by cdfkd.tracking.MLflowLogger with the calls of train.run."""
+    from cdfkd.tracking.mlflow_logger import MLflowLogger
+    from cdfkd.tracking.tags import standard_tags
 
     lg = MLflowLogger(
         run_dir,
@@ -201,7 +203,6 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(store, tmp_path_factory):
     """The single-experiment report, made through the CLI."""
-    import cdfkd.reports.cli  # noqa: F401  (registers `cdfkd report`)
 
     from cdfkd.cli import main
 
@@ -393,7 +394,6 @@ def test_clear_errors(store, tmp_path):
 
 
 def test_cli_error_exit_code(store, tmp_path, capsys):
-    import cdfkd.reports.cli  # noqa: F401
 
     from cdfkd.cli import main
 

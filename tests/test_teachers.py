@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cdfkd.bn_hooks import BNStatsRecorder
+from cdfkd.bn_hooks import BNStatsRecorder, batchnorm_layers
 from cdfkd.cli import main
 from cdfkd.data import DatasetInfo
 from cdfkd.models import create_model, list_models
@@ -306,7 +306,7 @@ def test_vmap_matches_loop(arch: str, features: bool) -> None:
 def test_hooks_force_the_loop() -> None:
     ens = TeacherEnsemble(_models(["lenet5"] * 2), INFO, ["lenet5"] * 2, mode="vmap")
     assert ens.uses_fused()
-    with BNStatsRecorder.from_modules(ens) as rec:
+    with BNStatsRecorder(batchnorm_layers(ens)) as rec:
         assert not ens.uses_fused()  # hooks present: the loop runs them
         ens(_x())
         means, _, _, _ = rec.statistics()

@@ -79,7 +79,9 @@ def test_result_json_and_sample_grid(digits_ensemble, tmp_path):
     assert yaml.safe_load(lines)["method"]["name"] == "cgdd"
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(digits_ensemble, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
+    digits_ensemble, tmp_path, monkeypatch
+):
     from cdfkd.methods.base import DistillMethod
     from faults.cdfkd_faults import wrap_step
 

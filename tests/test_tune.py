@@ -109,6 +109,7 @@ def test_spec_refuses_unknown_key_asha_with_two_objectives_and_uri_storage(
 
 def test_define_by_run_space_respects_conditions_and_seed():
     import optuna
+
     from cdfkd.tune.space import DefineByRunSpace
     from cdfkd.tune.spec import Param
 
@@ -363,6 +364,7 @@ def _kill_processes_mentioning(text: str) -> None:
 
 def test_unreachable_cluster_is_refused_before_ray_retries(ray_env, monkeypatch):
     import ray
+
     from cdfkd.tune.run import connect_ray
 
     def never(*args, **kwargs):  # ray.init would retry an absent head for minutes
@@ -375,12 +377,12 @@ def test_unreachable_cluster_is_refused_before_ray_retries(ray_env, monkeypatch)
         connect_ray("no-port-here")
 
 
-def test_teachers_train_in_parallel_ray_tasks_and_actor_evaluates(ray_env):
-    import ray
-    from cdfkd.tune.actors import TeacherEnsembleActor, train_ensemble_ray
+def test_teachers_train_in_parallel_ray_tasks(ray_env):
+    from cdfkd.data import load_dataset
+    from cdfkd.teachers import TeacherTrainConfig, evaluate_ensemble, load_ensemble
+    from cdfkd.teachers.train import eval_loader
     from cdfkd.tune.run import connect_ray
-
-    from cdfkd.teachers import TeacherTrainConfig, ensemble_to_numpy, load_ensemble
+    from cdfkd.tune.teachers import train_ensemble_ray
 
     connect_ray(None)
     cfg = TeacherTrainConfig.for_dataset("digits", "lenet5", count=2, epochs=2)
@@ -392,8 +394,9 @@ def test_teachers_train_in_parallel_ray_tasks_and_actor_evaluates(ray_env):
     assert [t["seed"] for t in manifest["teachers"]] == [0, 1]
     assert all(t["test_accuracy"] > 0.8 for t in manifest["teachers"])
     ensemble = load_ensemble(ray_env / "ens", "cpu")  # hashes verified on load
-    actor = TeacherEnsembleActor.remote(ensemble_to_numpy(ensemble))
-    report = ray.get(actor.evaluate.remote(str(ray_env / "data")))
+    _, test, _ = load_dataset("digits", root=ray_env / "data")
+    cpu = torch.device("cpu")
+    report = evaluate_ensemble(ensemble, eval_loader(test, 512, cpu), cpu)
     assert report["ensemble_accuracy"] == pytest.approx(manifest["ensemble_accuracy"])
     x = torch.zeros(3, 1, 32, 32)
-    assert ray.get(actor.logits.remote(x.numpy())).shape == (2, 3, 10)
+    assert ensemble(x).shape == (2, 3, 10)

@@ -24,18 +24,19 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import yaml
 
-from cdfkd.config import ConfigError
+from cdfkd.errors import ConfigError
 
+Level = Literal["error", "fill-in", "warning"]
 PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
 
 
 @dataclass(frozen=True)
 class Finding:
-    level: Literal["error", "fill-in", "warning"]
+    level: Level
     where: str  # a dotted location in the file, or the spec's key
     message: str
 
@@ -209,6 +210,7 @@ def _spec_fits(raw: dict, spec_path: Path) -> list[Finding]:
         ),
         ("data.root", base["data"]["root"], "warning", "every worker would download the data"),
     ):
+        level = cast(Level, level)
         given = text.get(key) if key == "storage_path" else text.get("overrides", {}).get(key)
         if given is not None and not Path(str(given)).is_absolute():
             out.append(

@@ -14,15 +14,14 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from cdfkd.mlflow_tracking import (
-    MLflowLogger,
-    ensemble_id_of_dir,
-    register_student,
-    resolve_tracking_uri,
-    standard_tags,
-    sync_runs,
-)
-from cdfkd.tracking import flatten
+from cdfkd.runs import STUDENT
+from cdfkd.teachers import ensemble_id_of_dir
+from cdfkd.tracking.mlflow_logger import MLflowLogger
+from cdfkd.tracking.model_registry import log_run_student, register_student
+from cdfkd.tracking.protocol import flatten
+from cdfkd.tracking.sync import sync_runs
+from cdfkd.tracking.tags import standard_tags
+from cdfkd.tracking.uri import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +189,12 @@ def _register(
 
 def _model_uri(parent: MLflowLogger, run, run_dir: Path) -> str:
     """The trial's logged student; logged now from student.pt + config.yaml if it has none."""
-    from cdfkd.mlflow_models import log_run_student
-
     outputs = run.outputs.model_outputs if run.outputs is not None else []
     if outputs:
         return f"models:/{outputs[-1].model_id}"
-    if not (run_dir / "student.pt").is_file():
+    if not (run_dir / STUDENT).is_file():
         raise FileNotFoundError(
-            f"trial run {run.info.run_id} logged no model and {run_dir}/student.pt "
+            f"trial run {run.info.run_id} logged no model and {run_dir / STUDENT} "
             "is not on this machine: enable tracking.log_model or use shared storage"
         )
     return log_run_student(

@@ -9,8 +9,10 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from cdfkd.config import ConfigError
+from cdfkd.errors import ConfigError
+from cdfkd.metrics import RESULT_METRICS, pareto_front
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    quiet = {
+    quiet: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,
         "logging_level": logging.ERROR,
@@ -68,8 +70,8 @@ def _probe(address: str, timeout: float = 3.0) -> None:
 
 def ensure_teachers(spec, base: dict, progress: Callable[[str], None]) -> str:
     """The base config's ensemble folder; trained (and cached there) when missing and the spec says how."""
+    from cdfkd.device import resolve_device
     from cdfkd.teachers import TeacherTrainConfig, train_ensemble
-    from cdfkd.train import resolve_device
 
     path = Path(base["teachers"]["path"])
     if (path / "ensemble.json").is_file():
@@ -94,9 +96,10 @@ def ensure_teachers(spec, base: dict, progress: Callable[[str], None]) -> str:
 
 def _searcher(spec, base: dict, exp_dir: Path):
     import optuna
-    from cdfkd.tune.space import DefineByRunSpace, ResumableOptunaSearch, make_sampler
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
+
+    from cdfkd.tune.space import DefineByRunSpace, ResumableOptunaSearch, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     obj = spec.objective
@@ -125,13 +128,13 @@ def run_sweep(
     write: Callable[[str], None] | None = None,
 ) -> dict:
     """Run (or resume) a sweep; returns {"experiment_dir", "rows", "best" or "pareto"}."""
+    from ray import tune
+
+    from cdfkd.teachers import ensemble_to_numpy, load_ensemble
     from cdfkd.tune.mlflow_sweep import finish_sweep, start_parent
     from cdfkd.tune.progress import ProgressTable
     from cdfkd.tune.spec import load_spec
     from cdfkd.tune.trainable import distill_trainable
-    from ray import tune
-
-    from cdfkd.teachers import ensemble_to_numpy, load_ensemble
 
     write = write or (lambda line: print(line, file=sys.stderr))
     spec, base = load_spec(spec_path)
@@ -170,10 +173,7 @@ def run_sweep(
     table = ProgressTable(spec, write)
     if resume:
         write(f"resuming sweep {spec.name} from {exp_dir}")
-        tuner = tune.Tuner.restore(
-            str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
-        )
-        tuner._local_tuner._run_config.callbacks = [table]  # restore keeps the pickled RunConfig
+        tuner = restore_tuner(exp_dir, trainable, callbacks=[table])
     else:
         scheduler = None
         tc_metric = tc_mode = None
@@ -224,10 +224,10 @@ def run_sweep(
         raise
     rows = result_rows(grid, spec)
     write_results_csv(rows, exp_dir / RESULTS_CSV)
-    summary = {"experiment_dir": str(exp_dir), "rows": rows}
+    summary: dict[str, Any] = {"experiment_dir": str(exp_dir), "rows": rows}
     done = [r for r in rows if r["status"] == "COMPLETE"]
     if spec.objective.multi:
-        summary["pareto"] = pareto_front(done, spec.objective)
+        summary["pareto"] = front_rows(done, spec.objective)
     elif done:
         sign = 1 if spec.objective.mode == "max" else -1
         summary["best"] = max(done, key=lambda r: sign * r[spec.objective.metric])
@@ -252,13 +252,8 @@ def result_rows(grid, spec) -> list[dict]:
         row = {"trial_id": m.get("trial_id") or Path(result.path).name, "status": status}
         row.update({f"param:{k}": v for k, v in (result.config or {}).items()})
         for key in (
-            "relative_accuracy",
-            "student_accuracy",
-            "proxy",
-            "student_params",
-            "student_macs",
+            *RESULT_METRICS,
             "step",
-            "wall_seconds",
             "loop_seconds",
             "time_total_s",
             "steps_per_second",
@@ -283,20 +278,25 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
-def pareto_front(rows: list[dict], objective) -> list[dict]:
-    """Non-dominated rows for (metric, mode) x (second_metric, second_mode)."""
-    signs = (1 if objective.mode == "max" else -1, 1 if objective.second_mode == "max" else -1)
+def front_rows(rows: list[dict], objective) -> list[dict]:
+    """The rows on the Pareto front of (metric, mode) x (second_metric, second_mode)."""
     keys = (objective.metric, objective.second_metric)
+    maximize = (objective.mode == "max", objective.second_mode == "max")
+    on_front = pareto_front([tuple(float(r[k]) for k in keys) for r in rows], maximize)
+    front = [r for r, keep in zip(rows, on_front, strict=True) if keep]
+    sign = 1 if maximize[1] else -1
+    return sorted(front, key=lambda r: sign * r[keys[1]])
 
-    def score(r):
-        return tuple(s * r[k] for s, k in zip(signs, keys, strict=True))
 
-    front = []
-    for r in rows:
-        sr = score(r)
-        dominated = any(
-            all(a >= b for a, b in zip(score(o), sr, strict=True)) and score(o) != sr for o in rows
-        )
-        if not dominated:
-            front.append(r)
-    return sorted(front, key=lambda r: r[keys[1]] * signs[1])
+def restore_tuner(exp_dir: Path, trainable, callbacks: list):
+    """``Tuner.restore`` that also sets the run's callbacks.
+
+    Ray 2.60's ``restore`` keeps the pickled ``RunConfig`` of the first run and takes no
+    callbacks, so they are set on the private ``_local_tuner`` here, the one place that
+    reaches into it (``tests/test_tune.py`` pins the behaviour).
+    """
+    from ray import tune
+
+    tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    tuner._local_tuner._run_config.callbacks = callbacks  # type: ignore[union-attr]
+    return tuner

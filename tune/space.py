@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 
 import optuna
-from cdfkd.tune.spec import Param, SweepSpec, _conditions_met, sampling_order
 from ray.tune.search.optuna import OptunaSearch
+
+from cdfkd.tune.spec import Param, SweepSpec, _conditions_met, sampling_order
 
 
 class DefineByRunSpace:

@@ -21,19 +21,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from cdfkd.config import ConfigError, apply_values, build_config
+from cdfkd.config import apply_values, build_config
+from cdfkd.data import dataset_spec
+from cdfkd.errors import ConfigError
+from cdfkd.schema import Strict, format_errors
 
 OBJECTIVE_METRICS = ("relative_accuracy", "student_accuracy", "proxy")
 SECOND_METRICS = ("student_params", "student_macs")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Param(_Strict):
+class Param(Strict):
     """One searched config field, addressed by its dotted key."""
 
     type: Literal["float", "int", "categorical"]
@@ -64,7 +63,7 @@ class Param(_Strict):
         return self
 
 
-class Objective(_Strict):
+class Objective(Strict):
     metric: Literal["relative_accuracy", "student_accuracy", "proxy"] = "relative_accuracy"
     mode: Literal["max", "min"] = "max"
     second_metric: Literal["student_params", "student_macs"] | None = None
@@ -75,19 +74,19 @@ class Objective(_Strict):
         return self.second_metric is not None
 
 
-class Resources(_Strict):
+class Resources(Strict):
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
     custom: dict[str, float] = Field(default_factory=dict)
 
 
-class Scheduler(_Strict):
+class Scheduler(Strict):
     type: Literal["none", "asha"] = "none"
     grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class TeachersTrain(_Strict):
+class TeachersTrain(Strict):
     """How to train the base config's teacher ensemble when its folder is missing."""
 
     dataset: str = "digits"
@@ -97,7 +96,7 @@ class TeachersTrain(_Strict):
     seed: int = 0
 
 
-class MLflowSpec(_Strict):
+class MLflowSpec(Strict):
     """Where the sweep logs: a parent run per sweep, a nested child run per trial."""
 
     enabled: bool = True
@@ -110,7 +109,7 @@ class MLflowSpec(_Strict):
     )
 
 
-class SweepSpec(_Strict):
+class SweepSpec(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     base: str | None = Field(
         None, description="path of a `cdfkd distill` config, relative to the spec"
@@ -179,8 +178,7 @@ def load_spec(path: str | Path) -> tuple[SweepSpec, dict]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     except ValidationError as err:
-        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"sweep spec {path} is invalid:\n" + "\n".join(lines)) from None
+        raise ConfigError(f"sweep spec {path} is invalid:\n{format_errors(err)}") from None
     root = path.resolve().parent
     if spec.base is not None:
         base_path = Path(_resolve(spec.base, root))
@@ -188,7 +186,7 @@ def load_spec(path: str | Path) -> tuple[SweepSpec, dict]:
             raise ConfigError(f"sweep spec {path}: base config {base_path} does not exist")
         base = yaml.safe_load(base_path.read_text()) or {}
     else:
-        base = dict(spec.base_config)
+        base = dict(spec.base_config or {})
     base = apply_values(base, spec.overrides)
     cwd = Path.cwd()
     if "teachers" in base and "path" in base["teachers"]:
@@ -248,11 +246,11 @@ def corner_samples(spec: SweepSpec, base: dict) -> list[dict]:
             p = spec.search[key]
             if not _conditions_met(p.when, sample, base):
                 continue
-            if p.type == "categorical":
+            if p.choices is not None:  # categorical (the validator requires choices)
                 sample[key] = p.choices[0] if pick == "low" else p.choices[-1]
             else:
-                v = p.low if pick == "low" else p.high
-                sample[key] = int(v) if p.type == "int" else float(v)
+                v = float(p.low if pick == "low" else p.high)  # type: ignore[arg-type]
+                sample[key] = int(v) if p.type == "int" else v
         samples.append(sample)
     for key, p in spec.search.items():
         for choice in p.choices or []:
@@ -287,18 +285,6 @@ def validate_space(spec: SweepSpec, base: dict) -> None:
         _check_structure(cfg, sample, _geometry(spec, cfg))
 
 
-# Input geometry of datasets before their teachers exist (channels, default size).
-_DEFAULT_GEOMETRY = {
-    "digits": (1, 32),
-    "mnist": (1, 32),
-    "fashion-mnist": (1, 32),
-    "cifar10": (3, 32),
-    "cifar100": (3, 32),
-    "caltech101": (3, 128),
-    "imagefolder": (3, 224),
-}
-
-
 def _geometry(spec: SweepSpec, cfg) -> tuple[int, int, int | None]:
     """(channels, image size, number of teachers) the trials will see."""
     manifest = Path(cfg.teachers.path) / "ensemble.json"
@@ -307,9 +293,9 @@ def _geometry(spec: SweepSpec, cfg) -> tuple[int, int, int | None]:
 
         m = json.loads(manifest.read_text())
         return m["input"]["channels"], m["input"]["image_size"], len(m["teachers"])
-    channels, size = _DEFAULT_GEOMETRY.get(cfg.data.name, (3, 32))
+    d = dataset_spec(cfg.data.name)  # the geometry registered with the dataset's loader
     count = spec.teachers_train.count if spec.teachers_train else None
-    return channels, cfg.data.image_size or size, count
+    return d.channels, cfg.data.image_size or d.image_size, count
 
 
 def _check_structure(cfg, sample: dict, geometry: tuple[int, int, int | None]) -> None:

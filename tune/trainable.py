@@ -13,8 +13,12 @@ import torch
 from ray import tune
 
 from cdfkd.config import apply_values, build_config
-from cdfkd.mlflow_outbox import MLFLOW_FILES, pack_state, unpack_state
-from cdfkd.train import CHECKPOINT, NonFiniteLossError, run
+from cdfkd.device import resolve_device
+from cdfkd.errors import NonFiniteLossError
+from cdfkd.metrics import RESULT_METRICS
+from cdfkd.runs import RunDir
+from cdfkd.tracking.outbox import MLFLOW_FILES, pack_state, unpack_state
+from cdfkd.train import run
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +60,21 @@ def distill_trainable(
 
     raw = trial_config(base, config, resources)
     cfg = build_config(raw, source="trial config")
-    torch.set_num_threads(cfg.train.threads)
-    device = torch.device(
-        "cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else "cpu"
-    )
+    torch.set_num_threads(cfg.train.threads or 1)  # trial_config always sets it
+    device = resolve_device(cfg.train.device)
     ensemble = ensemble_from_numpy(teachers, device)
     shared = 1.0 if shares_memory(ensemble, teachers) else 0.0
     node_id = ray.get_runtime_context().get_node_id()
 
     out = Path(exp_dir) / Path(tune.get_context().get_trial_dir()).name / "run"
+    run_dir = RunDir(out)
     resume = False
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         # Tune's checkpoint is the truth: the run folder may hold a newer one
         # that the (killed) driver never recorded.
-        out.mkdir(parents=True, exist_ok=True)
         with checkpoint.as_directory() as d:
-            shutil.copy2(Path(d) / CHECKPOINT, out / CHECKPOINT)
+            run_dir.restore_checkpoint_from(Path(d))
             # A run folder lost with its node, or a copied experiment folder, lacks the
             # MLflow state: bring back which run it logs to and what it still owes.
             unpack_state(Path(d), out)
@@ -92,7 +94,7 @@ def distill_trainable(
     def report(step: int, metrics: dict, run_dir: Path) -> None:
         payload = {**metrics, **sizes, "step": step, "teachers_shared": shared, "node_id": node_id}
         with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy2(run_dir / CHECKPOINT, Path(tmp) / CHECKPOINT)
+            RunDir(run_dir).copy_checkpoint_to(Path(tmp))
             pack_state(run_dir, Path(tmp))
             tune.report(payload, checkpoint=tune.Checkpoint.from_directory(tmp))
 
@@ -122,12 +124,7 @@ def distill_trainable(
     if ml is not None:
         ml.close("FINISHED")
     final = {
-        "student_accuracy": result["student_accuracy"],
-        "relative_accuracy": result["relative_accuracy"],
-        "proxy": result["proxy"],
-        "student_params": result["student_params"],
-        "student_macs": result["student_macs"],
-        "wall_seconds": result["wall_seconds"],
+        **{k: result[k] for k in RESULT_METRICS},
         "loop_seconds": result["loop_seconds"],
         "steps_per_second": result["steps"] / max(result["loop_seconds"], 1e-9),
         "step": result["steps"],

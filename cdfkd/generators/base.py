@@ -40,9 +40,9 @@ class LatentGenerator(nn.Module):
     """Base class: maps noise ``z (B, nz)`` (and, if ``conditional``, labels ``y (B,)``)
     to images ``(B, channels, image_size, image_size)``.
 
-    Methods call ``z, y = G.sample(B, device, generator)`` then ``G(z, y)``; an
+    Methods call ``z, y = G.sample(B, device, rng)`` then ``G(z, y)``; an
     unconditional generator's ``sample`` returns ``y = None``, so the same two
-    lines drive both kinds.
+    lines drive both kinds and no method compares generator kinds.
     """
 
     conditional: bool = False
@@ -66,18 +66,23 @@ class LatentGenerator(nn.Module):
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
         balanced: bool = True,
-        dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draw ``z ~ N(0, I)`` of shape ``(B, nz)`` and, for conditional generators,
         labels ``y (B,)`` (class-balanced unless ``balanced=False``; see
         :func:`sample_labels`); ``y`` is ``None`` for unconditional ones.
 
-        ``generator`` must live on ``device``; it makes the draw reproducible.
+        The draw happens where ``generator`` lives (a method keeps one CPU stream, so a
+        run draws the same latents on any device) and the result is moved to ``device``.
         """
-        z = torch.randn(batch_size, self.nz, device=device, dtype=dtype, generator=generator)
-        if not self.conditional:
-            return z, None
-        y = sample_labels(batch_size, self.num_classes, device, generator, balanced=balanced)
+        where = generator.device if generator is not None else device
+        z = torch.randn(batch_size, self.nz, device=where, generator=generator)
+        y = None
+        if self.conditional:
+            assert self.num_classes is not None  # every conditional generator has classes
+            y = sample_labels(batch_size, self.num_classes, where, generator, balanced=balanced)
+        if device is not None:
+            z = z.to(device)
+            y = None if y is None else y.to(device)
         return z, y
 
     def _check_z(self, z: torch.Tensor) -> None:

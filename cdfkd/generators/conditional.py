@@ -46,6 +46,7 @@ class ConditionalGenerator(LatentGenerator):
                 f"conditional generator needs num_classes >= 2, got {num_classes}; "
                 "use 'dcgan' for an unconditional one"
             )
+        self.embed: nn.Embedding | None
         if label_encoding == "embedding":
             self.embed = nn.Embedding(num_classes, embed_dim)
             label_dim = embed_dim
@@ -65,7 +66,7 @@ class ConditionalGenerator(LatentGenerator):
         """``(B,)`` class ids -> ``(B, label_dim)`` vectors in z's dtype."""
         if self.embed is not None:
             return self.embed(y)
-        return F.one_hot(y, self.num_classes).float()
+        return F.one_hot(y, int(self.num_classes or 0)).float()
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None:

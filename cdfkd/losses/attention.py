@@ -101,4 +101,5 @@ def attention_transfer(
         a_t = attention_map(t, p=p, size=size)
         term = (a_s - a_t).pow(2).mean()
         total = term if total is None else total + term
+    assert total is not None  # at least one pair (checked above)
     return total

@@ -70,4 +70,5 @@ def bn_statistics(
         r = torch.linalg.vector_norm(rvar - var) + torch.linalg.vector_norm(rmean - mean)
         term = s * r
         total = term if total is None else total + term
+    assert total is not None  # n >= 1 layers (checked above)
     return total

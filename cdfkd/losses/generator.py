@@ -87,7 +87,7 @@ def total_variation(images: torch.Tensor, reduction: str = "norm") -> torch.Tens
         images[..., :-1, :-1] - images[..., 1:, 1:],
     )
     if reduction == "norm":
-        return sum(torch.linalg.vector_norm(d) for d in diffs)
+        return torch.stack([torch.linalg.vector_norm(d) for d in diffs]).sum()
     if reduction == "mean":
-        return sum(d.pow(2).mean() for d in diffs)
+        return torch.stack([d.pow(2).mean() for d in diffs]).sum()
     raise ValueError(f"total_variation: reduction must be 'norm' or 'mean', got {reduction!r}")

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
-import importlib
-
+# Importing a method module registers it; the registry key, the file name and
+# the config value are the same string.
+from cdfkd.methods import (  # noqa: F401
+    cdfkd,
+    cdfkd_mfs,
+    cgdd,
+    dafl,
+    deepinversion,
+    dfad,
+    kd_real,
+)
 from cdfkd.methods.base import (
+    LOSS_NAMES,
     METHODS,
     DistillMethod,
+    MethodConfig,
     create_method,
     list_methods,
     method_config_class,
 )
 
-# Importing a method module registers it; the registry key, the file name and
-# the config value are the same string.
-_BUILTIN = ("cgdd", "cdfkd_mfs", "cdfkd", "dafl", "dfad", "deepinversion", "kd_real")
-for _name in _BUILTIN:
-    importlib.import_module(f"cdfkd.methods.{_name}")
-
-__all__ = ["METHODS", "DistillMethod", "create_method", "list_methods", "method_config_class"]
+__all__ = [
+    "LOSS_NAMES",
+    "METHODS",
+    "DistillMethod",
+    "MethodConfig",
+    "create_method",
+    "list_methods",
+    "method_config_class",
+]

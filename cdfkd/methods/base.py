@@ -7,23 +7,61 @@ optimisers and its random streams. The loop (cdfkd/train.py) knows only:
     losses = method.step()          # one generator/student round -> {name: 0-d tensor}
     metrics = method.evaluate(loader)
     sd = method.state_dict(); method.load_state_dict(sd)   # exact resume
+
+Every method's ``Config`` subclasses :class:`MethodConfig` (it lives here, below the
+experiment config that composes it), and every loss a method returns is named from
+:data:`LOSS_NAMES`, so ``loss/<name>`` means the same thing in every run and the
+MLflow columns of different methods line up.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from cdfkd.bn_hooks import BNStatsRecorder
-from cdfkd.config import ExperimentConfig, MethodConfig, OptimConfig
+from cdfkd.generators import LatentGenerator
 from cdfkd.losses import bn_statistics, first_layer_rescale
 from cdfkd.models import FeatureOutput
 from cdfkd.registry import Registry
+from cdfkd.schema import Strict
+
+if TYPE_CHECKING:  # the experiment config composes method configs, never the reverse
+    from cdfkd.config import ExperimentConfig, OptimConfig
 
 METHODS: Registry = Registry("method")
+
+#: The one loss vocabulary: ``method.step()`` returns a subset of these names.
+LOSS_NAMES: dict[str, str] = {
+    # student side
+    "student": "the student's total loss (every method)",
+    "kd": "distillation to the teachers' targets, per header (KL with temperature, or L1)",
+    "kd_ensemble": "distillation of the mean of the headers to the teachers' mean",
+    "feature": "L1 between projected student and teacher embeddings",
+    "attention": "attention transfer between student and teacher stages",
+    "student_ce": "cross-entropy of the student to preset (or real) labels",
+    # generator side
+    "generator": "the generator's total loss (methods with a generator)",
+    "adversarial": "the student-teacher discrepancy the generator maximises",
+    "preset_ce": "cross-entropy of the teachers to the preset labels",
+    "one_hot": "DAFL's one-hot loss (teacher confidence)",
+    "information_entropy": "class balance of the teachers' predictions (negative entropy)",
+    "activation": "DAFL's activation loss (negative L1 of teacher features)",
+    "bn": "the teachers' BatchNorm-statistics prior",
+    "total_variation": "total variation of the generated images",
+}
+
+
+class MethodConfig(Strict):
+    """Fields every method has; each method subclasses this with its own weights."""
+
+    name: str
+    student_steps: int = Field(1, ge=1, le=100, description="student updates per generator update")
+
 
 # Offset of the random stream that draws proxy batches: far from any training
 # seed, so the proxy is scored on images the student never trained on.
@@ -127,7 +165,7 @@ class DistillMethod(abc.ABC):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    #: the generator this method trains: None, "dcgan" (unconditional) or "conditional".
+    #: the registered generator this method trains (cdfkd.generators), None for none.
     generator_kind: ClassVar[str | None] = "dcgan"
     #: kd_real trains on the real training set.
     needs_real_data: ClassVar[bool] = False
@@ -172,8 +210,9 @@ class DistillMethod(abc.ABC):
         self.bn_prior: TeacherBNPrior | None = None
         if self.bn_prior_weight is not None:
             weight = getattr(self.mcfg, self.bn_prior_weight)
+            first = getattr(self.mcfg, "bn_first_rescale")  # noqa: B009 (every BN-prior config has it)
             self.bn_prior = TeacherBNPrior(
-                self.teachers, self.mcfg.bn_first_rescale, self.bn_prior_weight, enabled=weight > 0
+                self.teachers, first, self.bn_prior_weight, enabled=weight > 0
             )
         self.step_count = 0
 
@@ -197,20 +236,21 @@ class DistillMethod(abc.ABC):
         self.step_count += 1
         return losses
 
+    @property
+    def gen(self) -> LatentGenerator:
+        """The generator; methods without one (``generator_kind = None``) never ask."""
+        if self.generator is None:
+            raise RuntimeError(f"method {self.name} trains no generator")
+        return self.generator
+
     def sample_latent(self, batch_size: int, rng: torch.Generator | None = None):
         """Draw z (and class labels y for conditional generators) from the method's own stream."""
-        rng = rng or self.rng
-        z = torch.randn(batch_size, self.cfg.generator.nz, generator=rng).to(self.device)
-        y = None
-        if self.generator_kind == "conditional":
-            y = torch.randint(0, self.info.num_classes, (batch_size,), generator=rng)
-            y = y.to(self.device)
-        return z, y
+        return self.gen.sample(batch_size, self.device, rng or self.rng, balanced=False)
 
     def generate(self, batch_size: int, rng: torch.Generator | None = None):
         """Generated images (with grad to the generator) and their preset labels (or None)."""
         z, y = self.sample_latent(batch_size, rng)
-        x = self.generator(z, y) if y is not None else self.generator(z)
+        x = self.gen(z, y) if y is not None else self.gen(z)
         return x, y
 
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,8 +284,9 @@ class DistillMethod(abc.ABC):
     def update_generator(self, loss: torch.Tensor) -> None:
         """One optimiser step of G on ``loss``. The backward reaches only G's parameters:
         teachers are frozen, and student weight gradients would be thrown away."""
+        assert self.opt_g is not None, "update_generator() of a method without a generator"
         zero_grad(self.opt_g)
-        loss.backward(inputs=list(self.generator.parameters()))
+        loss.backward(inputs=list(self.gen.parameters()))
         self.opt_g.step()
 
     @torch.no_grad()
@@ -278,13 +319,13 @@ class DistillMethod(abc.ABC):
     def proxy_batches(self, num_batches: int, batch_size: int):
         """Unlabelled batches for the data-free proxy: generated from a held-out seed."""
         rng = torch.Generator().manual_seed(self.cfg.train.seed + PROXY_SEED_OFFSET)
-        was_training = self.generator.training
-        self.generator.eval()
+        was_training = self.gen.training
+        self.gen.eval()
         try:
             for _ in range(num_batches):
                 yield self.generate(batch_size, rng)
         finally:
-            self.generator.train(was_training)
+            self.gen.train(was_training)
 
     @torch.no_grad()
     def sample_images(self, per_class: int = 8) -> tuple[torch.Tensor, int]:
@@ -298,7 +339,7 @@ class DistillMethod(abc.ABC):
         was_training = self.generator.training
         self.generator.eval()
         try:
-            if self.generator_kind == "conditional":
+            if self.generator.conditional:
                 c = self.info.num_classes
                 y = torch.arange(c).repeat_interleave(per_class).to(self.device)
                 z = torch.randn(len(y), self.cfg.generator.nz, generator=rng).to(self.device)
@@ -321,6 +362,7 @@ class DistillMethod(abc.ABC):
             "torch_rng": torch.get_rng_state(),
         }
         if self.generator is not None:
+            assert self.opt_g is not None and self.sched_g is not None
             sd["generator"] = self.generator.state_dict()
             sd["opt_g"] = self.opt_g.state_dict()
             sd["sched_g"] = self.sched_g.state_dict()
@@ -337,6 +379,7 @@ class DistillMethod(abc.ABC):
         self.opt_s.load_state_dict(sd["opt_s"])
         self.sched_s.load_state_dict(sd["sched_s"])
         if self.generator is not None:
+            assert self.opt_g is not None and self.sched_g is not None
             self.generator.load_state_dict(sd["generator"])
             self.opt_g.load_state_dict(sd["opt_g"])
             self.sched_g.load_state_dict(sd["sched_g"])

@@ -30,10 +30,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from cdfkd.config import MethodConfig
+from cdfkd.generators import LatentGenerator
 from cdfkd.losses import kd_kl
 from cdfkd.methods.base import (
     DistillMethod,
+    MethodConfig,
     detached,
     mean_losses,
     register_method,
@@ -54,6 +55,8 @@ class CDFKDConfig(MethodConfig):
 
 @register_method("cdfkd")
 class CDFKD(DistillMethod):
+    mcfg: CDFKDConfig
+    generator: LatentGenerator
     Config = CDFKDConfig
     generator_kind = "dcgan"
 
@@ -76,14 +79,14 @@ class CDFKD(DistillMethod):
     def student_step(self, x: torch.Tensor | None = None, t: torch.Tensor | None = None):
         """One student update on (x, t), or on a fresh generated batch; detached losses."""
         m = self.mcfg
-        if x is None:
+        if x is None or t is None:
             x, _, t = self.fresh_batch()
         s = self.student_logits(x)
         loss_head = kd_kl(s, teacher_targets(t, self.num_headers))
         loss_ens = kd_kl(s.mean(0), t.mean(0))
         loss = m.w_head * loss_head + m.w_ens * loss_ens
         self.update_student(loss)
-        return detached({"student_head": loss_head, "student_ens": loss_ens, "student": loss})
+        return detached({"kd": loss_head, "kd_ensemble": loss_ens, "student": loss})
 
     def train_step(self) -> dict[str, torch.Tensor]:
         losses, x, t = self.generator_step()

@@ -36,10 +36,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from cdfkd.config import MethodConfig
+from cdfkd.generators import LatentGenerator
 from cdfkd.losses import feature_l1, l1_logits
 from cdfkd.methods.base import (
     DistillMethod,
+    MethodConfig,
+    TeacherBNPrior,
     detached,
     mean_losses,
     register_method,
@@ -67,6 +69,9 @@ def _headers(student: nn.Module) -> list[nn.Module]:
 
 @register_method("cdfkd_mfs")
 class CDFKDMFS(DistillMethod):
+    mcfg: CDFKDMFSConfig
+    generator: LatentGenerator
+    bn_prior: TeacherBNPrior
     Config = CDFKDMFSConfig
     generator_kind = "dcgan"
     bn_prior_weight = "lambda_bn"
@@ -90,8 +95,8 @@ class CDFKDMFS(DistillMethod):
         probe = torch.zeros(2, info.channels, info.image_size, info.image_size, device=self.device)
         with torch.no_grad():
             t_dims = [f.shape[-1] for f in self.teachers(probe, return_features=True).embedding]
-        s_dims = [h.feature_dim for h in _headers(self.student)]
-        extra = {}
+        s_dims = [int(getattr(h, "feature_dim")) for h in _headers(self.student)]  # noqa: B009
+        extra: dict[str, nn.Module] = {}
         for h, t in self.feature_pairs():
             if s_dims[h] != t_dims[t]:
                 extra[f"proj_{h}_{t}"] = nn.Linear(s_dims[h], t_dims[t])
@@ -103,8 +108,8 @@ class CDFKDMFS(DistillMethod):
 
     # -- one round -------------------------------------------------------------
     def student_step(self) -> dict[str, torch.Tensor]:
-        """One student update on a fresh no-grad batch. Returns detached ``student_l1``,
-        ``student_ens``, ``student_feat`` (when lambda_feat > 0) and their weighted sum
+        """One student update on a fresh no-grad batch. Returns detached ``kd``,
+        ``kd_ensemble``, ``feature`` (when lambda_feat > 0) and their weighted sum
         ``student``."""
         m = self.mcfg
         x, _, t_out = self.fresh_batch(features=True)
@@ -114,7 +119,7 @@ class CDFKDMFS(DistillMethod):
         loss_l1 = l1_logits(s_logits, teacher_targets(t_logits, self.num_headers))
         loss_ens = l1_logits(s_logits.mean(0), t_logits.mean(0))
         loss = m.w_s * loss_l1 + m.lambda_ens * loss_ens
-        losses = {"student_l1": loss_l1, "student_ens": loss_ens}
+        losses = {"kd": loss_l1, "kd_ensemble": loss_ens}
         if m.lambda_feat > 0:
             loss_feat = torch.stack(
                 [
@@ -123,7 +128,7 @@ class CDFKDMFS(DistillMethod):
                 ]
             ).mean()
             loss = loss + m.lambda_feat * loss_feat
-            losses["student_feat"] = loss_feat
+            losses["feature"] = loss_feat
         self.update_student(loss)
         losses["student"] = loss
         return detached(losses)

@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from cdfkd.config import MethodConfig
+from cdfkd.generators import LatentGenerator
 from cdfkd.losses import (
     adversarial_discrepancy,
     information_entropy,
@@ -65,6 +65,8 @@ from cdfkd.methods._attention_pairs import (
 )
 from cdfkd.methods.base import (
     DistillMethod,
+    MethodConfig,
+    TeacherBNPrior,
     detached,
     mean_losses,
     register_method,
@@ -113,6 +115,9 @@ class CGDDConfig(MethodConfig):
 class CGDD(DistillMethod):
     """``at_pairs``: the resolved ``(student_stage, teacher_stage)`` pairs ([] = no AT)."""
 
+    mcfg: CGDDConfig
+    generator: LatentGenerator
+    bn_prior: TeacherBNPrior
     Config = CGDDConfig
     generator_kind = "conditional"
     bn_prior_weight = "w_bn"
@@ -162,9 +167,11 @@ class CGDD(DistillMethod):
         m = self.mcfg
         use_at = m.gamma > 0 and bool(self.at_pairs)
         x, y, t_out = self.fresh_batch(features=use_at)
-        t = t_out.logits if use_at else t_out
         s_out = self.student_features(x) if use_at else None
-        s = s_out.logits if use_at else self.student_logits(x)
+        if s_out is not None:
+            s, t = s_out.logits, t_out.logits
+        else:
+            s, t = self.student_logits(x), t_out
         losses = {}
         loss = torch.zeros((), device=x.device)
         if m.alpha > 0:
@@ -173,7 +180,7 @@ class CGDD(DistillMethod):
         if m.beta > 0:
             losses["student_ce"] = preset_label_ce(s, y.expand(s.shape[0], -1))
             loss = loss + m.beta * losses["student_ce"]
-        if use_at:
+        if s_out is not None:
             losses["attention"] = ensemble_attention_transfer(
                 s_out.stages, t_out.stages, self.at_pairs
             )

@@ -33,9 +33,15 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from cdfkd.config import MethodConfig
+from cdfkd.generators import LatentGenerator
 from cdfkd.losses import activation, adversarial_discrepancy, information_entropy, kd_kl, one_hot
-from cdfkd.methods.base import DistillMethod, detached, register_method, teacher_targets
+from cdfkd.methods.base import (
+    DistillMethod,
+    MethodConfig,
+    detached,
+    register_method,
+    teacher_targets,
+)
 from cdfkd.models import FeatureOutput
 
 
@@ -72,6 +78,8 @@ def dafl_generator_terms(out: FeatureOutput, per_teacher: bool = False) -> dict[
 
 @register_method("dafl")
 class DAFL(DistillMethod):
+    mcfg: DAFLConfig
+    generator: LatentGenerator
     Config = DAFLConfig
     generator_kind = "dcgan"
 
@@ -103,7 +111,7 @@ class DAFL(DistillMethod):
     ) -> torch.Tensor:
         """One student update on ``x`` with teacher logits ``t`` (both detached), or on a
         fresh generated batch when they are not given. Returns the KD loss (detached)."""
-        if x is None:
+        if x is None or t is None:
             x, _, t = self.fresh_batch()
         loss = kd_kl(
             self.student_logits(x), teacher_targets(t, self.num_headers), self.mcfg.temperature

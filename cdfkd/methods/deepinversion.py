@@ -39,9 +39,16 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from cdfkd.config import MethodConfig
+from cdfkd.generators import LatentGenerator
 from cdfkd.losses import adversarial_discrepancy, kd_kl, preset_label_ce, total_variation
-from cdfkd.methods.base import DistillMethod, detached, register_method, teacher_targets
+from cdfkd.methods.base import (
+    DistillMethod,
+    MethodConfig,
+    TeacherBNPrior,
+    detached,
+    register_method,
+    teacher_targets,
+)
 
 
 class DeepInversionConfig(MethodConfig):
@@ -73,6 +80,9 @@ class DeepInversionConfig(MethodConfig):
 
 @register_method("deepinversion")
 class DeepInversion(DistillMethod):
+    mcfg: DeepInversionConfig
+    generator: LatentGenerator
+    bn_prior: TeacherBNPrior
     Config = DeepInversionConfig
     generator_kind = "conditional"
     bn_prior_weight = "w_bn"

@@ -25,9 +25,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from cdfkd.config import MethodConfig
+from cdfkd.generators import LatentGenerator
 from cdfkd.losses import l1_logits
-from cdfkd.methods.base import DistillMethod, register_method, teacher_targets
+from cdfkd.methods.base import DistillMethod, MethodConfig, register_method, teacher_targets
 
 
 class DFADConfig(MethodConfig):
@@ -38,6 +38,8 @@ class DFADConfig(MethodConfig):
 
 @register_method("dfad")
 class DFAD(DistillMethod):
+    mcfg: DFADConfig
+    generator: LatentGenerator
     Config = DFADConfig
     generator_kind = "dcgan"
 
@@ -57,7 +59,7 @@ class DFAD(DistillMethod):
         )
         loss_g = -self.mcfg.w_adv * discrepancy
         self.update_generator(loss_g)
-        return {"generator": loss_g.detach(), "discrepancy": discrepancy.detach()}
+        return {"generator": loss_g.detach(), "adversarial": discrepancy.detach()}
 
     def train_step(self) -> dict[str, torch.Tensor]:
         loss_s = torch.stack([self.student_step() for _ in range(self.mcfg.student_steps)])

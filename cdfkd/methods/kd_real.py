@@ -33,11 +33,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from cdfkd.config import MethodConfig
 from cdfkd.losses import kd_kl, preset_label_ce
 from cdfkd.methods.base import (
     PROXY_SEED_OFFSET,
     DistillMethod,
+    MethodConfig,
     mean_losses,
     register_method,
     teacher_targets,
@@ -60,6 +60,7 @@ class KDRealConfig(MethodConfig):
 
 @register_method("kd_real")
 class KDReal(DistillMethod):
+    mcfg: KDRealConfig
     Config = KDRealConfig
     generator_kind = None
     needs_real_data = True
@@ -105,7 +106,7 @@ class KDReal(DistillMethod):
         loss_ce = preset_label_ce(s, y.expand(s.shape[0], -1))
         loss = m.alpha * loss_kd + m.beta * loss_ce
         self.update_student(loss)
-        return {"student": loss.detach(), "kd": loss_kd.detach(), "ce": loss_ce.detach()}
+        return {"student": loss.detach(), "kd": loss_kd.detach(), "student_ce": loss_ce.detach()}
 
     def train_step(self) -> dict[str, torch.Tensor]:
         return mean_losses([self.student_step() for _ in range(self.mcfg.student_steps)])

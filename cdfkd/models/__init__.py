@@ -17,7 +17,7 @@ from cdfkd.models.multihead import (
     create_student,
     student_structure_space,
 )
-from cdfkd.models.profile import count_macs, count_params, model_profile
+from cdfkd.models.profile import count_macs, count_params
 
 __all__ = [
     "FAMILIES",
@@ -31,7 +31,6 @@ __all__ = [
     "create_model",
     "create_student",
     "list_models",
-    "model_profile",
     "student_structure_space",
 ]
 

@@ -30,7 +30,7 @@ class FeatureOutput(NamedTuple):
 
     logits: torch.Tensor
     stages: list
-    embedding: torch.Tensor
+    embedding: torch.Tensor | list[torch.Tensor]
 
 
 class StagedClassifier(nn.Module):
@@ -44,7 +44,7 @@ class StagedClassifier(nn.Module):
         num_classes: int,
     ) -> None:
         super().__init__()
-        self.stages = nn.ModuleDict(stages)
+        self.stages = nn.ModuleDict(dict(stages))
         self.pool = pool
         self.classifier = nn.Linear(feature_dim, num_classes)
         self.feature_dim = feature_dim
@@ -122,7 +122,7 @@ def register_model(name: str, *, image_sizes: tuple[int, int]) -> Callable:
                 raise ValueError(f"num_classes={num_classes} must be >= 1 for {name}")
             return fn(num_classes, in_channels, image_size, **kw)
 
-        build.image_sizes = image_sizes
+        build.image_sizes = image_sizes  # type: ignore[attr-defined]  # read by the zoo's tests
         MODELS.register(name)(build)
         return build
 

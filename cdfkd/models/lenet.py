@@ -36,7 +36,7 @@ class LeNet5(StagedClassifier):
 
     def __init__(self, num_classes: int, in_channels: int, widths: Sequence[int]) -> None:
         c1, c2, c3, hidden = widths
-        stages = [
+        stages: list[tuple[str, nn.Module]] = [
             ("conv1", _conv_bn_relu(in_channels, c1, pool=True)),
             ("conv2", _conv_bn_relu(c1, c2, pool=True)),
             ("conv3", _conv_bn_relu(c2, c3, pool=False)),

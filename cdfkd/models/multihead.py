@@ -42,7 +42,8 @@ def _scaled(channels: int, width: float) -> int:
 
 def _stage_channels(model: StagedClassifier) -> list[int]:
     # ``widths`` lists the stages' output channels first (LeNet appends its fc width).
-    return list(model.widths[: len(model.stages)])
+    widths: tuple[int, ...] = model.widths  # type: ignore[assignment]  # set by every zoo model
+    return list(widths[: len(model.stages)])
 
 
 @functools.cache
@@ -112,7 +113,7 @@ class MFSHeader(nn.Module):
                 # ResNets/WRNs; LeNet's 5x5 valid convs do not (14 -> 7 vs 5), so resample the
                 # header map onto the trunk map's grid (adaptive average pooling) to concatenate.
                 if a.shape[-2:] != u.shape[-2:]:
-                    a = F.adaptive_avg_pool2d(a, u.shape[-2:])
+                    a = F.adaptive_avg_pool2d(a, (u.shape[-2], u.shape[-1]))
                 u = torch.cat([u, a], dim=1)
             a = encoder(u)
             maps.append(a)
@@ -177,7 +178,7 @@ class BranchStudent(_MultiHeadStudent):
 
     def __init__(self, shared: list[tuple[str, nn.Module]], tails: list[StagedClassifier]):
         super().__init__()
-        self.shared = nn.ModuleDict(shared)
+        self.shared = nn.ModuleDict(dict(shared))
         self.heads = nn.ModuleList(tails)
         self.feature_dim = tails[0].feature_dim
         self.num_classes = tails[0].num_classes
@@ -188,7 +189,8 @@ class BranchStudent(_MultiHeadStudent):
             x = stage(x)
             maps.append(x)
         outs = []
-        for head in self.heads:
+        head: StagedClassifier
+        for head in self.heads:  # type: ignore[assignment]
             private = head.forward_stages(x)
             embedding = head.pool(private[-1])
             outs.append((head.classifier(embedding), private, embedding))

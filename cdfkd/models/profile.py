@@ -20,8 +20,9 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) 
     train/eval mode is restored afterwards.
     """
     param = next(model.parameters(), None)
-    kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
-    x = torch.zeros(input_shape, **kw)
+    x = torch.zeros(input_shape)
+    if param is not None:
+        x = x.to(param.device, param.dtype)
     modes = [(m, m.training) for m in model.modules()]  # submodules may differ (frozen BN)
     model.eval()
     try:
@@ -31,8 +32,3 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) 
         for m, training in modes:
             m.training = training
     return counter.get_total_flops() // 2
-
-
-def model_profile(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """``{"params": count_params(model), "macs": count_macs(model, input_shape)}``."""
-    return {"params": count_params(model), "macs": count_macs(model, input_shape)}

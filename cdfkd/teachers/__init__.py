@@ -15,6 +15,8 @@ from cdfkd.teachers.manifest import (
     EnsembleMismatchError,
     Manifest,
     UnsafeCheckpointError,
+    ensemble_id,
+    ensemble_id_of_dir,
     read_manifest,
 )
 from cdfkd.teachers.store import (
@@ -26,9 +28,7 @@ from cdfkd.teachers.store import (
     verify_ensemble,
 )
 from cdfkd.teachers.train import (
-    RECIPES,
     EvalReport,
-    TeacherRecipe,
     TeacherTrainConfig,
     TrainProgress,
     check_ensemble_dir,
@@ -42,7 +42,6 @@ __all__ = [
     "AUTO_FUSED",
     "MANIFEST",
     "MODES",
-    "RECIPES",
     "EnsembleError",
     "EnsembleIntegrityError",
     "EnsembleMismatchError",
@@ -50,12 +49,13 @@ __all__ = [
     "FileCheck",
     "Manifest",
     "TeacherEnsemble",
-    "TeacherRecipe",
     "TeacherTrainConfig",
     "TrainProgress",
     "UnsafeCheckpointError",
     "check_ensemble_dir",
     "ensemble_from_numpy",
+    "ensemble_id",
+    "ensemble_id_of_dir",
     "ensemble_to_numpy",
     "evaluate_ensemble",
     "load_ensemble",

@@ -73,8 +73,8 @@ class TeacherEntry(_Strict):
 
 
 class Manifest(_Strict):
-    format: Literal["cdfkd-ensemble"] = FORMAT
-    format_version: Literal[1] = FORMAT_VERSION
+    format: Literal["cdfkd-ensemble"] = "cdfkd-ensemble"
+    format_version: Literal[1] = 1
     dataset: str
     arch: str = Field(description="the teachers' common arch, or 'mixed'")
     num_classes: int = Field(ge=1)
@@ -87,6 +87,24 @@ class Manifest(_Strict):
 
     def info(self) -> DatasetInfo:
         return DatasetInfo.from_dict(self.input)
+
+
+def ensemble_id(manifest: Manifest | dict) -> str:
+    """A 12-hex-digit id of a teacher ensemble: sha256 of its teachers' sha256 list, in order."""
+    import hashlib
+
+    teachers = (
+        manifest["teachers"] if isinstance(manifest, dict) else manifest.model_dump()["teachers"]
+    )
+    return hashlib.sha256("\n".join(t["sha256"] for t in teachers).encode()).hexdigest()[:12]
+
+
+def ensemble_id_of_dir(path: str | Path) -> str | None:
+    """The id of the ensemble folder ``path``; None when it has no readable manifest."""
+    try:
+        return ensemble_id(read_manifest(path))
+    except (EnsembleError, OSError):
+        return None
 
 
 def cdfkd_version() -> str:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cdfkd.data import DatasetInfo
+from cdfkd.files import write_atomic
 from cdfkd.teachers.ensemble import TeacherEnsemble
 from cdfkd.teachers.manifest import (
     MANIFEST,
@@ -130,16 +130,8 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _atomic_write(path: Path, write) -> None:
-    # Write next to the target and rename: a crash never leaves a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_safetensors(state: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
+    save_file(state, str(path), metadata=meta)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -204,7 +196,7 @@ def save_ensemble(
         # identical weights must give an identical file (and sha256).
         meta = {"format": "pt"}
         state = _cpu_state(model)
-        _atomic_write(out / name, lambda tmp, s=state, m=meta: save_file(s, tmp, metadata=m))
+        write_atomic(out / name, partial(_save_safetensors, state, meta))
         entry = {
             "file": name,
             "arch": archs[i],
@@ -217,7 +209,7 @@ def save_ensemble(
         entries, info, dataset=dataset, ensemble_accuracy=ensemble_accuracy, config=config
     )
     text = json.dumps(manifest, indent=2) + "\n"
-    _atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(out / MANIFEST, lambda tmp: Path(tmp).write_text(text))
     return manifest
 
 

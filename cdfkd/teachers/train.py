@@ -5,9 +5,8 @@ cross-entropy, SGD with Nesterov momentum 0.9, weight decay 5e-4, the learning
 rate annealed to zero per step over all epochs. Teacher ``i`` uses seed
 ``seed + i`` for its initialisation, augmentation draws and data order, so an
 ensemble is reproducible and its members differ. Per-dataset defaults for
-epochs, batch size and learning rate are in ``RECIPES``; the digits numbers
-were tuned so 3 lenet5 teachers each pass 95 % in well under a minute on 2 CPU
-cores.
+epochs, batch size and learning rate are each dataset's registered
+``TeacherRecipe`` (``cdfkd.data.dataset_spec(name).recipe``).
 """
 
 from __future__ import annotations
@@ -22,31 +21,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from cdfkd.data import DEFAULT_RECIPE, DatasetInfo, dataset_spec
 from cdfkd.metrics import evaluate_headers
 from cdfkd.teachers.ensemble import TeacherEnsemble
 from cdfkd.teachers.manifest import MANIFEST, EnsembleError
 from cdfkd.teachers.store import load_ensemble, save_ensemble, verify_ensemble
-
-
-@dataclass(frozen=True)
-class TeacherRecipe:
-    """Dataset-specific defaults: epochs, batch size and peak learning rate."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-
-
-RECIPES: dict[str, TeacherRecipe] = {
-    "digits": TeacherRecipe(epochs=15, batch_size=64, lr=0.05),
-    "mnist": TeacherRecipe(epochs=10, batch_size=128, lr=0.05),
-    "fashion-mnist": TeacherRecipe(epochs=15, batch_size=128, lr=0.05),
-    "cifar10": TeacherRecipe(epochs=200, batch_size=128, lr=0.1),
-    "cifar100": TeacherRecipe(epochs=200, batch_size=128, lr=0.1),
-    "caltech101": TeacherRecipe(epochs=200, batch_size=64, lr=0.05),
-    "imagefolder": TeacherRecipe(epochs=100, batch_size=64, lr=0.1),
-}
-DEFAULT_RECIPE = TeacherRecipe(epochs=50, batch_size=128, lr=0.05)
 
 
 @dataclass(frozen=True)
@@ -91,12 +70,24 @@ class TeacherTrainConfig:
     @classmethod
     def for_dataset(cls, dataset: str, arch: str, **overrides) -> TeacherTrainConfig:
         """The dataset's recipe, with any non-None ``overrides`` applied."""
-        recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
+        recipe = dataset_spec(dataset).recipe
         base = cls(dataset, arch, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def build_model(self, info: DatasetInfo) -> nn.Module:
+        """A fresh, untrained teacher of ``arch`` for ``info``'s inputs and classes."""
+        from cdfkd.models import create_model
+
+        return create_model(
+            self.arch,
+            info.num_classes,
+            in_channels=info.channels,
+            image_size=info.image_size,
+            **self.model_kwargs,
+        )
 
 
 @dataclass(frozen=True)
@@ -120,7 +111,7 @@ def _train_loader(ds: Dataset, cfg: TeacherTrainConfig, seed: int, device: torch
         ds,
         batch_size=cfg.batch_size,
         shuffle=True,
-        drop_last=len(ds) > cfg.batch_size,  # no size-1 BatchNorm batches
+        drop_last=len(ds) > cfg.batch_size,  # type: ignore[arg-type]  # no size-1 BN batches
         generator=torch.Generator().manual_seed(seed),
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
@@ -194,7 +185,6 @@ def train_ensemble(
     Returns the manifest written to ``out_dir/ensemble.json``.
     """
     from cdfkd.data import load_dataset
-    from cdfkd.models import create_model
 
     out = Path(out_dir)
     if (out / MANIFEST).exists() and not overwrite:
@@ -212,13 +202,7 @@ def train_ensemble(
     for i in range(cfg.count):
         seed = cfg.seed + i
         torch.manual_seed(seed)  # initialisation and augmentation draws
-        model = create_model(
-            cfg.arch,
-            info.num_classes,
-            in_channels=info.channels,
-            image_size=info.image_size,
-            **cfg.model_kwargs,
-        )
+        model = cfg.build_model(info)
 
         def on_epoch(epoch: int, loss: float, seconds: float, i=i, model=model) -> None:
             acc = None

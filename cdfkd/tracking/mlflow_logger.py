@@ -2,7 +2,7 @@
 
 Every call becomes a record ``{"id", "kind", "time_ms", ...}`` that is sent at once when
 MLflow answers. When it does not (server down, timeout, sqlite locked), that record and
-every later one go to the folder's outbox (``cdfkd/mlflow_outbox.py``) and are retried
+every later one go to the folder's outbox (``cdfkd/tracking/outbox.py``) and are retried
 at the next call after a growing delay: a dead server costs training one short failed
 request per back-off period, never minutes of retries. ``cdfkd mlflow sync DIR``
 replays what is left.
@@ -15,55 +15,34 @@ skipped, tags and artifacts overwrite themselves, and sent record ids are writte
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
-from cdfkd.config import ConfigError
-from cdfkd.mlflow_outbox import (
+from cdfkd.errors import ConfigError
+from cdfkd.files import read_json, write_json_atomic
+from cdfkd.tracking.export import example_batch, load_program, save_program, serving_module
+from cdfkd.tracking.model_registry import log_student
+from cdfkd.tracking.outbox import (
     MODEL_EXAMPLE,
     MODEL_PROGRAM,
     PENDING_FILE,
     RUN_FILE,
     Outbox,
     PermanentError,
-    RetryPolicy,
-    bounded_http,
     is_permanent,
-    read_json,
-    write_json,
+)
+from cdfkd.tracking.uri import (
+    DEFAULT_EXPERIMENT,
+    RetryPolicy,
+    bound_http_requests,
+    resolve_tracking_uri,
 )
 
 log = logging.getLogger(__name__)
 
-#: the experiment of `cdfkd distill` runs whose config names none
-DEFAULT_EXPERIMENT = "cdfkd-distill"
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """An absolute tracking URI: ``uri``, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db.
-
-    Relative sqlite and file paths are made absolute against the current directory,
-    because Tune trials run in temporary working directories.
-    """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "mlflow.db"
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :]
-        return (
-            uri
-            if path.startswith("/") or path == ":memory:"
-            else f"sqlite:///{Path(path).resolve()}"
-        )
-    if uri.startswith("file:"):
-        path = uri[len("file:") :].removeprefix("//")
-        return f"file://{Path(path).resolve()}"
-    if "://" in uri or uri in ("databricks", "uc") or uri.startswith("databricks"):
-        return uri
-    # A bare path: a .db file is a sqlite store, anything else a file store.
-    path = Path(uri).expanduser().resolve()
-    return f"sqlite:///{path}" if path.suffix == ".db" else f"file://{path}"
 
 
 class MLflowLogger:
@@ -94,8 +73,9 @@ class MLflowLogger:
         self.run_dir = Path(run_dir)
         self.outbox = Outbox(self.run_dir)
         self.retry = retry or RetryPolicy()
+        bound_http_requests(self.retry)
         self.log_models = log_models
-        self._want = {
+        self._want: dict[str, Any] = {
             "tracking_uri": resolve_tracking_uri(tracking_uri),
             "experiment": experiment,
             "run_name": run_name,
@@ -104,13 +84,16 @@ class MLflowLogger:
             "identity_tags": {k: str(v) for k, v in (identity_tags or {}).items()},
         }
         self._initial = (params or {}, tags or {})
-        self._ident: dict | None = None  # mlflow_run.json, once active
+        self._ident: dict[str, Any] = {}  # mlflow_run.json, once active
+        self._active = False
         self._queue: list[dict] = []  # records not sent yet; each one also in the pending file
         self._on_disk: set[str] = set()
         self._client_obj = None
         self._next_try = 0.0
         self._delay = 0.0
         self._replaying = False
+        self._prior_counts: dict[str, int] = {}  # key@step -> times earlier lives logged it
+        self._life_counts: dict[str, int] = {}  # key@step -> times this life logged it
 
     @classmethod
     def open(cls, run_dir: str | Path, tracking_uri: str | None = None) -> MLflowLogger:
@@ -135,13 +118,50 @@ class MLflowLogger:
             self._emit("tags", tags={k: str(v) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log numeric ``metrics`` at ``step``; a value an earlier life of this run folder
+        already logged at that step is not logged again (see :meth:`_fresh`)."""
         values = {
             k: float(v)
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
+        self._activate()
+        values = self._fresh(values, int(step))
         if values:
             self._emit("metrics", step=int(step), metrics=values)
+            # Counted once sent or in the outbox: a crash in between logs a value twice,
+            # never loses one.
+            write_json_atomic(self.run_dir / RUN_FILE, self._ident)
+
+    def _fresh(self, values: dict[str, float], step: int) -> dict[str, float]:
+        """Drop the values that replay what an earlier process logged for this run.
+
+        A run resumed from a checkpoint (``--resume``, a trial restarted after its node
+        was lost) computes the steps after that checkpoint again, and logs their
+        evaluations a second time. The folder remembers how often each ``key@step`` was
+        logged (``logged`` in mlflow_run.json); this life skips its first that-many
+        occurrences, so the run's history holds every evaluation once, and a later
+        second occurrence (the final full-test-set evaluation at the last step) still
+        gets through.
+        """
+        logged = self._ident.setdefault("logged", {})
+        fresh = {}
+        for key, value in values.items():
+            slot = f"{key}@{step}"
+            seen = self._life_counts.get(slot, 0)
+            self._life_counts[slot] = seen + 1
+            if seen < self._prior_counts.get(slot, 0):
+                continue
+            logged[slot] = seen + 1
+            fresh[key] = value
+        if len(fresh) != len(values):
+            log.info(
+                "not logging %d value(s) at step %d again: an earlier run of %s logged them",
+                len(values) - len(fresh),
+                step,
+                self.run_dir,
+            )
+        return fresh
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path).resolve()
@@ -158,15 +178,13 @@ class MLflowLogger:
         """
         if not self.log_models:
             return
-        from cdfkd.mlflow_models import example_batch, serving_module
-
         self._emit(
             "model", name=name, _module=serving_module(model), _example=example_batch(input_example)
         )
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` (FINISHED, FAILED or KILLED), one last try to send all."""
-        if self._ident is None:
+        if not self._active:
             return  # nothing was ever logged: no run to end
         self._emit("status", status=status, force=True)
         if self._queue:
@@ -183,23 +201,23 @@ class MLflowLogger:
 
     @property
     def run_id(self) -> str | None:
-        return None if self._ident is None else self._ident.get("run_id")
+        return self._ident.get("run_id")
 
     @property
     def model_uri(self) -> str | None:
-        return None if self._ident is None else self._ident.get("model_uri")
+        return self._ident.get("model_uri")
 
     @property
     def experiment_id(self) -> str | None:
-        return None if self._ident is None else self._ident.get("experiment_id")
+        return self._ident.get("experiment_id")
 
     @property
     def tracking_uri(self) -> str:
-        return self._want["tracking_uri"] if self._ident is None else self._ident["tracking_uri"]
+        return str(self._ident["tracking_uri"] if self._active else self._want["tracking_uri"])
 
     @property
     def experiment(self) -> str:
-        return self._want["experiment"] if self._ident is None else self._ident["experiment"]
+        return str(self._ident["experiment"] if self._active else self._want["experiment"])
 
     def client(self):
         """An ``MlflowClient`` for this run's tracking (and registry) URI."""
@@ -217,6 +235,11 @@ class MLflowLogger:
         self._flush(force=True)
         return self.run_id
 
+    def pending_count(self) -> int:
+        """Records this folder still owes MLflow (its outbox, and this process's unsent ones)."""
+        self._activate()
+        return len(self._queue)
+
     def replay(self) -> dict:
         """Send this folder's pending records; returns {"sent", "pending", "rejected"} counts."""
         self._activate()
@@ -230,7 +253,7 @@ class MLflowLogger:
         }
 
     def _activate(self) -> None:
-        if self._ident is not None:
+        if self._active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         old = read_json(self.run_dir / RUN_FILE)
@@ -257,8 +280,9 @@ class MLflowLogger:
             ident = {**ident, **old, "tracking_uri": want["tracking_uri"]}
         elif old is not None:
             ident["created_ms"] = old.get("created_ms", ident["created_ms"])
-        self._ident = ident
-        write_json(ident, self.run_dir / RUN_FILE)
+        self._ident, self._active = ident, True
+        self._prior_counts = dict(ident.get("logged") or {})
+        write_json_atomic(self.run_dir / RUN_FILE, ident)
         for rec in self.outbox.unsent():
             self._queue.append(rec)
             self._on_disk.add(rec["id"])
@@ -299,7 +323,7 @@ class MLflowLogger:
                 exp_id, start_time=ident["created_ms"], tags=tags, run_name=ident.get("run_name")
             )
         ident.update(run_id=run.info.run_id, experiment_id=exp_id, parent_run_id=parent)
-        write_json(ident, self.run_dir / RUN_FILE)
+        write_json_atomic(self.run_dir / RUN_FILE, ident)
         return run.info.run_id
 
     # -- records, sending, the outbox
@@ -318,7 +342,7 @@ class MLflowLogger:
         if not force and time.monotonic() < self._next_try:
             self._persist()
             return
-        with self.outbox.lock(blocking) as locked, bounded_http(self.retry):
+        with self.outbox.lock(blocking) as locked:
             if not locked:  # a sync is sending this folder right now
                 self._persist()
                 return
@@ -326,7 +350,7 @@ class MLflowLogger:
             self._queue = [r for r in self._queue if r["id"] not in sent]
             try:
                 client = self.client()
-                run_id = self._ensure_run(client) if self._queue else None
+                run_id = self._ensure_run(client) if self._queue else ""
                 while self._queue:
                     rec = self._queue[0]
                     try:
@@ -403,10 +427,8 @@ class MLflowLogger:
             raise PermanentError(f"unknown record kind {kind!r}")
 
     def _send_model(self, client, run_id: str, rec: dict) -> None:
-        from cdfkd.mlflow_models import load_program, log_student
-
         module, example = rec.get("_module"), rec.get("_example")
-        if module is None:
+        if module is None or example is None:
             try:
                 module, example = load_program(
                     self.run_dir / MODEL_PROGRAM, self.run_dir / MODEL_EXAMPLE
@@ -423,14 +445,12 @@ class MLflowLogger:
             name=rec.get("name", "student"),
         )
         self._ident["model_uri"] = uri
-        write_json(self._ident, self.run_dir / RUN_FILE)
+        write_json_atomic(self.run_dir / RUN_FILE, self._ident)
 
     def _persist(self) -> None:
         new = [r for r in self._queue if r["id"] not in self._on_disk]
         for rec in new:
             if rec["kind"] == "model" and "_module" in rec:
-                from cdfkd.mlflow_models import save_program
-
                 # Saved as a torch.export program (no pickle), so a later sync can log it.
                 save_program(
                     rec["_module"],

@@ -1,8 +1,9 @@
-"""The small metric-logger interface the training loop writes to.
+"""The metric-logger interface the training loop writes to, and the loggers that need no server.
 
-``JsonlLogger`` keeps every record in the run folder (so nothing depends on a
-tracking server being up); MLflow and Ray report through other implementations
-of the same four calls.
+The engine imports only this module of ``cdfkd.tracking`` (it imports nothing that
+pulls in MLflow). ``JsonlLogger`` keeps every record in the run folder, so nothing
+depends on a tracking server being up; ``MLflowLogger`` (``mlflow_logger.py``) is
+the same six calls on an MLflow run.
 """
 
 from __future__ import annotations
@@ -13,12 +14,21 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from torch import Tensor, nn
+
+from cdfkd.runs import METRICS
+
 
 class MetricLogger(Protocol):
     def log_params(self, params: dict) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path) -> None: ...
+
+    def log_model(self, model: nn.Module, input_example: Tensor) -> None:
+        """Keep the trained student (a classifier; ``input_example`` a (B, C, H, W) batch)."""
+        ...
+
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -35,6 +45,9 @@ class NullLogger:
     def log_artifact(self, path: str | Path) -> None:
         pass
 
+    def log_model(self, model: nn.Module, input_example: Tensor) -> None:
+        pass
+
     def close(self, status: str = "FINISHED") -> None:
         pass
 
@@ -43,11 +56,11 @@ class JsonlLogger(NullLogger):
     """Appends ``{"step", "time", **metrics}`` lines to ``<dir>/metrics.jsonl``."""
 
     def __init__(self, directory: str | Path) -> None:
-        self.path = Path(directory) / "metrics.jsonl"
+        self.path = Path(directory) / METRICS
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        row = {"step": step, "time": time.time()}
+        row: dict[str, float | str] = {"step": step, "time": time.time()}
         row.update({k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -56,7 +69,7 @@ class JsonlLogger(NullLogger):
 class MultiLogger(NullLogger):
     """Fans every call out to several loggers."""
 
-    def __init__(self, *loggers: MetricLogger) -> None:
+    def __init__(self, *loggers: MetricLogger | None) -> None:
         self.loggers = [lg for lg in loggers if lg is not None]
 
     def log_params(self, params: dict) -> None:
@@ -74,6 +87,10 @@ class MultiLogger(NullLogger):
     def log_artifact(self, path: str | Path) -> None:
         for lg in self.loggers:
             lg.log_artifact(path)
+
+    def log_model(self, model: nn.Module, input_example: Tensor) -> None:
+        for lg in self.loggers:
+            lg.log_model(model, input_example)
 
     def close(self, status: str = "FINISHED") -> None:
         for lg in self.loggers:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from cdfkd.cli import _Subparsers, _table, command
+from cdfkd.cli.common import Subparsers, command, table
 
 
 @command
-def _mlflow(sub: _Subparsers) -> None:
+def _mlflow(sub: Subparsers) -> None:
     p = sub.add_parser(
         "mlflow",
         help="MLflow tracking: replay records buffered while the tracking server was unreachable",
@@ -34,11 +34,11 @@ def _mlflow(sub: _Subparsers) -> None:
 
 
 def _run_sync(args: argparse.Namespace) -> int:
-    from cdfkd.mlflow_tracking import sync_runs
+    from cdfkd.tracking.sync import sync_runs
 
     rows = sync_runs(args.dir, tracking_uri=args.tracking_uri)
     print(
-        _table(
+        table(
             ["run folder", "run id", "sent", "pending", "rejected"],
             [
                 [

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cdfkd.cli import _Subparsers, command
+from cdfkd.cli.common import Subparsers, command
 
 
 @command
-def _report(sub: _Subparsers) -> None:
+def _report(sub: Subparsers) -> None:
     p = sub.add_parser(
         "report",
         help="tables, plots and a static HTML page of a sweep's (or several sweeps') MLflow runs",
@@ -92,7 +92,7 @@ def _run_report(args: argparse.Namespace) -> int:
     print(f"wrote {len(paths)} files ({pngs} images) to {Path(args.out)}")
     print(f"open {index.as_uri()} in a browser (no server needed)")
     print(f"tables: {Path(args.out) / 'comparison.csv'}, best.csv, importances.csv, runs.csv")
-    from cdfkd.mlflow_tracking import resolve_tracking_uri
+    from cdfkd.tracking.uri import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     print(

@@ -1,4 +1,5 @@
-"""``cdfkd sweep``: the sweep command. Ray is imported only when it runs."""
+"""``cdfkd sweep`` and ``cdfkd cluster check``: the Ray layer's commands (cdfkd.tune is
+imported only inside their handlers)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import argparse
 import os
 import sys
 
-from cdfkd.cli import _Subparsers, command
+from cdfkd.cli.common import Subparsers, command
 
 
 @command
-def _sweep(sub: _Subparsers) -> None:
+def _sweep(sub: Subparsers) -> None:
     p = sub.add_parser(
         "sweep",
         help="search loss weights and header structures with Ray Tune + Optuna (a sweep spec)",
@@ -34,7 +35,7 @@ def _sweep(sub: _Subparsers) -> None:
 
 
 @command
-def _cluster(sub: _Subparsers) -> None:
+def _cluster(sub: Subparsers) -> None:
     p = sub.add_parser(
         "cluster",
         help="check a Ray cluster file (cluster.yaml) offline before `ray up`",

@@ -23,10 +23,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from cdfkd.files import read_json, write_json_atomic
 
 RUN_FILE = "mlflow_run.json"
 PENDING_FILE = "mlflow_pending.jsonl"
@@ -64,20 +64,6 @@ class PermanentError(RuntimeError):
     """A record MLflow can never accept (a file that is gone, a model that cannot be read)."""
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How long one attempt may take, and how long to wait after a failed one.
-
-    One HTTP try per attempt: the back-off between attempts is the retry, so a hung
-    server costs training at most ``http_timeout_s`` per ``max_delay_s``.
-    """
-
-    first_delay_s: float = 2.0
-    max_delay_s: float = 120.0
-    http_timeout_s: int = 15
-    http_retries: int = 0
-
-
 def is_permanent(err: BaseException) -> bool:
     """True for errors no retry fixes (not: connection errors, timeouts, a locked sqlite file)."""
     from mlflow.exceptions import MlflowException
@@ -89,49 +75,17 @@ def is_permanent(err: BaseException) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def bounded_http(policy: RetryPolicy) -> Iterator[None]:
-    """MLflow HTTP calls inside try once, with a short timeout (a user's own setting wins)."""
-    # MLflow's defaults (7 retries with exponential back-off, 120 s timeout) would stall
-    # training for minutes per call while a server is down.
-    defaults = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(policy.http_retries),
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(policy.http_timeout_s),
-    }
-    added = [k for k in defaults if k not in os.environ]
-    for k in added:
-        os.environ[k] = defaults[k]
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def pack_state(run_dir: Path, dest: Path) -> None:
     """Copy a run folder's MLflow state into ``dest/mlflow_state.json`` (nothing if it has none)."""
     state = {n: (run_dir / n).read_text() for n in STATE_FILES if (run_dir / n).is_file()}
     if state:
-        write_json(state, dest / STATE_BUNDLE)
+        write_json_atomic(dest / STATE_BUNDLE, state)
 
 
 def unpack_state(src: Path, run_dir: Path) -> None:
     """Restore the state packed in ``src``, unless ``run_dir`` has its own (newer) state."""
     state = read_json(src / STATE_BUNDLE)
-    if not state or (run_dir / RUN_FILE).is_file():
+    if not isinstance(state, dict) or (run_dir / RUN_FILE).is_file():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in state.items():

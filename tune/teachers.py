@@ -1,8 +1,7 @@
-"""Ray actors and tasks around teacher ensembles.
+"""``cdfkd teachers train --ray``: the N teachers of an ensemble as N parallel Ray tasks.
 
-``train_ensemble_ray`` trains the N teachers of an ensemble as N parallel Ray
-tasks (``cdfkd teachers train --ray``); ``TeacherEnsembleActor`` holds one
-ensemble in a worker and evaluates it or answers logits for batches.
+Each task trains one teacher with exactly the sequential trainer's seeding
+(``cdfkd.teachers.train_teacher``), so ``--ray`` writes the same ensemble, only sooner.
 """
 
 from __future__ import annotations
@@ -18,27 +17,21 @@ import torch
 def _train_one(cfg_dict: dict, index: int, data_root: str, threads: int) -> dict:
     """Train teacher ``index`` of the ensemble described by ``cfg_dict``; numpy weights + accuracy."""
     from cdfkd.data import load_dataset
+    from cdfkd.device import resolve_device
     from cdfkd.metrics import evaluate_headers
-    from cdfkd.models import create_model
     from cdfkd.teachers import TeacherTrainConfig, train_teacher
     from cdfkd.teachers.train import eval_loader
 
     torch.set_num_threads(threads)
     cfg = TeacherTrainConfig(**cfg_dict)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     train_ds, test_ds, info = load_dataset(
         cfg.dataset, root=data_root, image_size=cfg.image_size, seed=cfg.split_seed
     )
     seed = cfg.seed + index
     # The same seeding as the sequential trainer, so --ray trains the same teachers.
     torch.manual_seed(seed)
-    model = create_model(
-        cfg.arch,
-        info.num_classes,
-        in_channels=info.channels,
-        image_size=info.image_size,
-        **cfg.model_kwargs,
-    )
+    model = cfg.build_model(info)
     train_teacher(model, train_ds, cfg, seed, device)
     acc = evaluate_headers(model.eval(), eval_loader(test_ds, cfg.eval_batch_size, device), device)[
         "accuracy"
@@ -61,7 +54,6 @@ def train_ensemble_ray(
 ) -> dict:
     """Train ``cfg.count`` teachers as parallel Ray tasks and write the ensemble folder."""
     from cdfkd.data import load_dataset
-    from cdfkd.models import create_model
     from cdfkd.teachers import TeacherEnsemble, evaluate_ensemble, save_ensemble
     from cdfkd.teachers.train import eval_loader
 
@@ -84,13 +76,7 @@ def train_ensemble_ray(
             )
     models = []
     for i in range(cfg.count):
-        model = create_model(
-            cfg.arch,
-            info.num_classes,
-            in_channels=info.channels,
-            image_size=info.image_size,
-            **cfg.model_kwargs,
-        )
+        model = cfg.build_model(info)
         model.load_state_dict(
             {k: torch.from_numpy(np.array(v)) for k, v in done[i]["state"].items()}
         )
@@ -117,39 +103,34 @@ def train_ensemble_ray(
     )
 
 
-@ray.remote
-class TeacherEnsembleActor:
-    """One ensemble held in a Ray worker: evaluate it, or run it on batches for other actors."""
+def train_ensemble_on_ray(
+    cfg,
+    out_dir: str | Path,
+    *,
+    address: str | None = None,
+    data_root: str = "data",
+    cpus_per_teacher: float = 1,
+    gpus_per_teacher: float = 0,
+    overwrite: bool = False,
+    progress=None,
+) -> dict:
+    """Join (or start) Ray, train the ensemble with :func:`train_ensemble_ray`, shut Ray down."""
+    from cdfkd.teachers import MANIFEST, EnsembleError
+    from cdfkd.tune.run import connect_ray
 
-    def __init__(self, payload: dict, threads: int = 1) -> None:
-        from cdfkd.teachers import ensemble_from_numpy
-
-        torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.ensemble = ensemble_from_numpy(payload, self.device)
-
-    def info(self) -> dict:
-        return {
-            "num_teachers": self.ensemble.num_teachers,
-            "archs": list(self.ensemble.archs),
-            "data": self.ensemble.info.to_dict(),
-        }
-
-    @torch.no_grad()
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """Per-teacher logits (N, B, C) for a normalised (B, C, H, W) batch."""
-        return self.ensemble(torch.from_numpy(np.asarray(images)).to(self.device)).cpu().numpy()
-
-    def evaluate(self, data_root: str = "data") -> dict:
-        from cdfkd.data import load_dataset
-        from cdfkd.teachers import evaluate_ensemble
-        from cdfkd.teachers.train import eval_loader
-
-        m = self.ensemble.manifest
-        _, test_ds, _ = load_dataset(
-            m["dataset"],
-            root=data_root,
-            image_size=self.ensemble.info.image_size,
-            seed=m.get("config", {}).get("split_seed", 0),
+    if (Path(out_dir) / MANIFEST).exists() and not overwrite:
+        raise EnsembleError(
+            f"{out_dir} already holds an ensemble: choose another --out or --overwrite"
         )
-        return evaluate_ensemble(self.ensemble, eval_loader(test_ds, 512, self.device), self.device)
+    connect_ray(address)
+    try:
+        return train_ensemble_ray(
+            cfg,
+            out_dir,
+            data_root=data_root,
+            cpus_per_teacher=cpus_per_teacher,
+            gpus_per_teacher=gpus_per_teacher,
+            progress=progress,
+        )
+    finally:
+        ray.shutdown()

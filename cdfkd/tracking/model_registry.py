@@ -1,17 +1,14 @@
-"""The student as an MLflow model: a serving wrapper, logging, the Model Registry and loading back.
+"""The student as an MLflow model: logging it, the Model Registry, and loading it back.
 
-Students are logged in MLflow's ``pt2`` format (``torch.export``: no pickle, so loading
-runs no code from the artifact store) with a **dynamic batch dimension**: the input
-example has two images, because ``torch.export`` fixes a dimension of size 1. The
-logged module is ``ServingStudent``: it returns (B, C) logits, the mean over headers for
-multi-header students (whose own forward returns (H, B, C)), the same prediction
-``Method.predict`` evaluates. Loading gives a ``torch.fx.GraphModule``, not the training
-class; call it on (B, C, H, W) float tensors normalised like the dataset.
+Students are logged in MLflow's ``pt2`` format (``cdfkd.tracking.export``: a
+``torch.export`` program with a dynamic batch dimension, no pickle). The logged
+module is ``ServingStudent``: (B, C) logits, the mean over headers for multi-header
+students. Loading gives a ``torch.fx.GraphModule``, not the training class; call it
+on (B, C, H, W) float tensors normalised like the dataset.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -19,49 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdfkd.config import ConfigError
+from cdfkd.errors import ConfigError
+from cdfkd.runs import RunDir
+from cdfkd.tracking.export import serving_module
+from cdfkd.tracking.uri import bound_http_requests, resolve_tracking_uri, using_tracking_uri
 
 log = logging.getLogger(__name__)
-
-
-class ServingStudent(nn.Module):
-    """A student for serving: (B, C, H, W) images -> (B, C) logits, averaged over headers."""
-
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__()
-        self.student = student
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.student(x)
-        return logits.mean(0) if logits.dim() == 3 else logits
-
-
-def serving_module(student: nn.Module) -> nn.Module:
-    """A CPU, eval-mode copy of ``student`` in ``ServingStudent`` (the trained one is untouched)."""
-    if isinstance(student, ServingStudent):
-        student = student.student
-    return ServingStudent(copy.deepcopy(student).to("cpu").eval()).eval()
-
-
-def example_batch(images: torch.Tensor) -> np.ndarray:
-    """Two float32 images (2, C, H, W): a batch of 1 would freeze the exported batch size."""
-    x = images.detach().to("cpu", torch.float32)
-    if x.dim() != 4:
-        raise ValueError(f"input example must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
-    return x[:1].repeat(2, 1, 1, 1).numpy() if x.shape[0] < 2 else x[:2].contiguous().numpy()
-
-
-def save_program(module: nn.Module, example: np.ndarray, program: Path, example_path: Path) -> None:
-    """``torch.export`` ``module`` with a dynamic batch to ``program``; the example as .npy."""
-    from torch.export import Dim
-
-    ep = torch.export.export(module, (torch.from_numpy(example),), dynamic_shapes=({0: Dim.AUTO},))
-    torch.export.save(ep, str(program))
-    np.save(example_path, example)
-
-
-def load_program(program: Path, example_path: Path) -> tuple[nn.Module, np.ndarray]:
-    return torch.export.load(str(program)).module(), np.load(example_path)
 
 
 def _requirements() -> list[str]:
@@ -83,7 +43,6 @@ def log_student(
     """Log ``module`` as a ``pt2`` model of run ``run_id``; returns its ``models:/m-<id>`` URI."""
     import mlflow.pytorch
     from mlflow.models import ModelSignature
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     from mlflow.types import Schema, TensorSpec
 
     with torch.no_grad():
@@ -97,7 +56,7 @@ def log_student(
     # would put it in the process's active experiment (the Default one in a trial).
     model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
     try:
-        with _use_tracking_uri(tracking_uri):
+        with using_tracking_uri(tracking_uri):
             info = mlflow.pytorch.log_model(
                 module,
                 name=name,
@@ -120,26 +79,9 @@ def log_student(
 
 
 def student_from_run_dir(run_dir: str | Path) -> tuple[nn.Module, tuple[int, int, int]]:
-    """A finished run's student from ``config.yaml`` + ``student.pt`` and its input shape (C, H, W).
-
-    Class count and input shape come from the run's teacher ensemble manifest.
-    """
-    import yaml
-
-    from cdfkd.config import build_config
-    from cdfkd.teachers import read_manifest
-
-    run = Path(run_dir)
-    cfg_path, weights = run / "config.yaml", run / "student.pt"
-    for path in (cfg_path, weights):
-        if not path.is_file():
-            raise ConfigError(f"{run} holds no finished run: {path.name} is missing")
-    cfg = build_config(yaml.safe_load(cfg_path.read_text()) or {}, source=str(cfg_path))
-    info = read_manifest(cfg.teachers.path).info()
-    s = cfg.student
-    student = s.build(info.num_classes, info.channels, info.image_size)
-    student.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return student.eval(), (info.channels, info.image_size, info.image_size)
+    """A finished run's student and its input shape (C, H, W) (``RunDir.load_student``)."""
+    student, info = RunDir(run_dir).load_student()
+    return student, (info.channels, info.image_size, info.image_size)
 
 
 def log_run_student(
@@ -164,8 +106,8 @@ def register_student(
 ) -> str:
     """Register ``model_uri`` as a version of ``name``; an earlier one of the run is reused."""
     import mlflow
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+    bound_http_requests()
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     version = None
     if run_id is not None and client.search_registered_models(f"name = '{name}'"):
@@ -173,7 +115,7 @@ def register_student(
         found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
         version = found[0].version if found else None
     if version is None:
-        with _use_tracking_uri(tracking_uri):
+        with using_tracking_uri(tracking_uri):
             version = mlflow.register_model(model_uri, name, tags=tags).version
     if alias:
         client.set_registered_model_alias(name, alias, version)
@@ -191,10 +133,8 @@ def load_registered_student(
     import mlflow
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from cdfkd.mlflow_tracking import resolve_tracking_uri
-
+    bound_http_requests()
     uri = resolve_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     versions = client.search_model_versions(f"name = '{name}'")
@@ -217,5 +157,5 @@ def load_registered_student(
             f"model {name!r} has no version {version}; versions: "
             f"{', '.join(sorted((v.version for v in versions), key=int))}"
         )
-    with _use_tracking_uri(uri):
+    with using_tracking_uri(uri):
         return mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu")

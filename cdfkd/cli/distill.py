@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from cdfkd.cli import _pct, _Subparsers, command
+from cdfkd.cli.common import Subparsers, command, pct
 
 
 @command
-def _distill(sub: _Subparsers) -> None:
+def _distill(sub: Subparsers) -> None:
     p = sub.add_parser(
         "distill",
         help="distil a teacher ensemble into a student with one method (a YAML config)",
@@ -45,7 +45,7 @@ def _run_distill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cdfkd.config import load_config
-    from cdfkd.tracking import JsonlLogger, MultiLogger
+    from cdfkd.tracking.protocol import JsonlLogger, MultiLogger
     from cdfkd.train import preflight, run
 
     overrides = list(args.overrides)
@@ -73,8 +73,8 @@ def _run_distill(args: argparse.Namespace) -> int:
             bar.set_postfix(shown, refresh=False)
 
     def on_eval(step: int, metrics: dict, _out: Path) -> None:
-        shown["acc"] = _pct(metrics.get("student_accuracy"))
-        shown["rel"] = _pct(metrics.get("relative_accuracy"))
+        shown["acc"] = pct(metrics.get("student_accuracy"))
+        shown["rel"] = pct(metrics.get("relative_accuracy"))
 
     mlf = _mlflow_logger(cfg, out) if cfg.tracking.enabled else None
     logger = MultiLogger(JsonlLogger(out), mlf)
@@ -93,11 +93,11 @@ def _run_distill(args: argparse.Namespace) -> int:
     logger.close("FINISHED")
     ref = result["reference"]
     print(
-        f"{result['method']} on {result['dataset']}: student accuracy {_pct(result['student_accuracy'])} %, "
-        f"relative accuracy {_pct(result['relative_accuracy'])} % of {ref['kind']} ({_pct(ref['accuracy'])} %)"
+        f"{result['method']} on {result['dataset']}: student accuracy {pct(result['student_accuracy'])} %, "
+        f"relative accuracy {pct(result['relative_accuracy'])} % of {ref['kind']} ({pct(ref['accuracy'])} %)"
     )
     if len(result["header_accuracies"]) > 1:
-        print("headers: " + ", ".join(f"{_pct(a)} %" for a in result["header_accuracies"]))
+        print("headers: " + ", ".join(f"{pct(a)} %" for a in result["header_accuracies"]))
     if "aggregation" in result:
         _print_aggregation(result["aggregation"])
     print(
@@ -111,12 +111,10 @@ def _run_distill(args: argparse.Namespace) -> int:
 
 def _mlflow_logger(cfg, out: Path):
     """The run folder's MLflow logger; the URI: config, else $MLFLOW_TRACKING_URI, else ./mlflow.db."""
-    from cdfkd.mlflow_tracking import (
-        DEFAULT_EXPERIMENT,
-        MLflowLogger,
-        ensemble_id_of_dir,
-        standard_tags,
-    )
+    from cdfkd.teachers import ensemble_id_of_dir
+    from cdfkd.tracking.mlflow_logger import MLflowLogger
+    from cdfkd.tracking.tags import standard_tags
+    from cdfkd.tracking.uri import DEFAULT_EXPERIMENT
 
     t = cfg.tracking
     teachers_id = ensemble_id_of_dir(cfg.teachers.path)
@@ -132,7 +130,7 @@ def _mlflow_logger(cfg, out: Path):
 
 
 @command
-def _aggregate(sub: _Subparsers) -> None:
+def _aggregate(sub: Subparsers) -> None:
     p = sub.add_parser(
         "aggregate",
         help="learn the attention aggregation of a finished run's headers from M real samples per class",
@@ -155,21 +153,22 @@ def _aggregate(sub: _Subparsers) -> None:
 
 def _run_aggregate(args: argparse.Namespace) -> int:
     from cdfkd.aggregation import aggregate_run
-    from cdfkd.config import ConfigError
+    from cdfkd.errors import ConfigError
+    from cdfkd.runs import RESULT, RunDir
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "result.json").is_file():
+    if not RunDir(run_dir).finished:
         raise ConfigError(
-            f"{run_dir} holds no finished run (no result.json): run `cdfkd distill` first"
+            f"{run_dir} holds no finished run (no {RESULT}): run `cdfkd distill` first"
         )
     agg = aggregate_run(run_dir, args.few_shot, device=args.device, data_root=args.data_root)
     _print_aggregation(agg)
-    print(f"updated {run_dir}/result.json")
+    print(f"updated {run_dir / RESULT}")
     return 0
 
 
 def _print_aggregation(agg: dict) -> None:
     print(
         f"aggregation with {agg['few_shot']} samples/class (selection: {agg['selection']}): "
-        f"averaging {_pct(agg['averaging_accuracy'])} % -> attention {_pct(agg['aggregated_accuracy'])} %"
+        f"averaging {pct(agg['averaging_accuracy'])} % -> attention {pct(agg['aggregated_accuracy'])} %"
     )
