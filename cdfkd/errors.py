@@ -19,10 +19,16 @@ class DatasetUnavailableError(RuntimeError):
     """A dataset's files are missing or corrupt here and could not be downloaded."""
 
 
+class StorageError(OSError):
+    """A run or sweep folder cannot be written (permissions, a full disk); the previous
+    files are intact and the message says what to free or change."""
+
+
 #: what the command line reports as "cdfkd: error: ..." (exit 1) instead of a traceback
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,  # ConfigError, EnsembleError and every other invalid value
     KeyError,  # an unknown registry name (the message lists the known ones)
     DatasetUnavailableError,
     NonFiniteLossError,
+    StorageError,
 )

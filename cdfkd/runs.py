@@ -17,6 +17,7 @@ previous file whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch import nn
 
 from cdfkd.config import ExperimentConfig, build_config
 from cdfkd.data import DatasetInfo
-from cdfkd.errors import ConfigError
+from cdfkd.errors import ConfigError, StorageError
 from cdfkd.files import read_json, torch_save_atomic, write_json_atomic, write_text_atomic
 
 CONFIG = "config.yaml"
@@ -98,7 +99,17 @@ class RunDir:
         return build_config(yaml.safe_load(path.read_text()) or {}, overrides, source=str(path))
 
     def save_checkpoint(self, state: dict) -> None:
-        torch_save_atomic(state, self.path / CHECKPOINT)
+        try:
+            torch_save_atomic(state, self.path / CHECKPOINT)
+        except OSError as err:
+            kept = (
+                f"the previous {CHECKPOINT} is intact; free space, then --resume"
+                if self.has_checkpoint
+                else "no checkpoint was written yet; free space and start again"
+            )
+            raise StorageError(
+                f"cannot write {self.path / CHECKPOINT} ({err.strerror or err}): {kept}"
+            ) from err
 
     def load_checkpoint(self) -> dict:
         return load_checkpoint(self.path / CHECKPOINT)
@@ -181,25 +192,30 @@ def ensure_writable(folder: str | Path, min_free: int = MIN_FREE_BYTES) -> None:
         if parent.exists():
             break
         created.append(parent)
+    def undo() -> None:
+        for path in created:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+
     probe = folder / ".cdfkd-write-probe"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
         free = shutil.disk_usage(folder).free
     except OSError as err:
-        for path in created:  # deepest first
-            try:
-                path.rmdir()
-            except OSError:
-                break
-        raise ConfigError(
+        undo()
+        raise StorageError(
             f"{folder} cannot be written ({err.strerror or err}): choose a folder you can "
             "write to (--out, storage_path) or fix its permissions"
         ) from None
     finally:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
     if free < min_free:
-        raise ConfigError(
+        undo()
+        raise StorageError(
             f"{folder} has {free / 2**20:.0f} MiB free, less than the {min_free / 2**20:.0f} MiB "
             "a run needs for its checkpoints: free some space or choose another folder"
         )

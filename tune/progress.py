@@ -44,7 +44,7 @@ class ProgressTable(Callback):
             row.update({k: result.get(k, row.get(k)) for k, _ in _METRIC_COLUMNS})
             row["step"] = result.get("step", row.get("step"))
             if result.get("failed"):
-                row["status"] = "NONFINITE"
+                row["status"] = str(result.get("failure", "nonfinite")).upper()
 
     def _render(self) -> str:
         head = [

@@ -13,10 +13,13 @@ from typing import Any
 
 from cdfkd.errors import ConfigError
 from cdfkd.metrics import RESULT_METRICS, pareto_front
+from cdfkd.runs import ensure_writable
 
 log = logging.getLogger(__name__)
 
 RESULTS_CSV = "results.csv"
+#: the sweep folder's record of what the sweep started with (its teacher ensemble)
+SWEEP_JSON = "sweep.json"
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -149,11 +152,15 @@ def run_sweep(
         raise ConfigError(
             f"sweep {spec.name!r} already exists at {exp_dir}: pass --resume or --name NEW_NAME"
         )
+    # Before teachers are trained or Ray starts: a folder no trial could write to fails
+    # here, and leaves nothing a later --resume would take for a sweep.
+    ensure_writable(exp_dir)
 
     ensure_teachers(spec, base, write)
+    ensemble = load_ensemble(base["teachers"]["path"], "cpu")  # hashes verified
+    check_sweep_teachers(exp_dir, base["teachers"]["path"], ensemble.manifest, resume)
     connect_ray(address)
     parent, mlflow_ctx = start_parent(spec, base, exp_dir)
-    ensemble = load_ensemble(base["teachers"]["path"], "cpu")
     objective = spec.objective.model_dump()
     res = spec.resources
     resources = {"cpu": res.cpu, "gpu": res.gpu, **res.custom}
@@ -244,7 +251,7 @@ def result_rows(grid, spec) -> list[dict]:
         if result.error is not None:
             status = "ERROR"
         elif m.get("failed"):
-            status = "FAILED_NONFINITE"
+            status = "FAILED_" + str(m.get("failure", "nonfinite")).upper()
         elif m.get("done_final"):
             status = "COMPLETE"
         else:
@@ -276,6 +283,26 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+
+
+def check_sweep_teachers(exp_dir: Path, path: str, manifest: dict, resume: bool) -> None:
+    """Record the sweep's teacher ensemble in ``exp_dir/sweep.json``; on ``--resume``,
+    refuse teachers that changed since the sweep started (trials before and after
+    would have learned from different ensembles)."""
+    from cdfkd.files import read_json, write_json_atomic
+    from cdfkd.teachers import ensemble_id
+
+    record = exp_dir / SWEEP_JSON
+    now = ensemble_id(manifest)
+    started = (read_json(record) or {}).get("ensemble_id") if resume else None
+    if started is not None and started != now:
+        raise ConfigError(
+            f"--resume: the teacher ensemble {path} changed since sweep {exp_dir.name} started "
+            f"(ensemble id {now}, was {started}): restore its files, or start a new sweep "
+            "with --name NEW_NAME"
+        )
+    if started is None:
+        write_json_atomic(record, {"ensemble_id": now, "teachers_path": str(path)})
 
 
 def front_rows(rows: list[dict], objective) -> list[dict]:

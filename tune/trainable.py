@@ -60,6 +60,12 @@ def distill_trainable(
 
     raw = trial_config(base, config, resources)
     cfg = build_config(raw, source="trial config")
+    changed = teachers_changed(cfg.teachers.path, teachers["manifest"])
+    if changed:
+        # Deterministic, like a NaN loss: a retry would find the same files. The trial
+        # ends with the reason and the sweep goes on (results.csv: FAILED_TEACHERS_CHANGED).
+        tune.report(failure_result(objective, "teachers_changed", changed))
+        return
     torch.set_num_threads(cfg.train.threads or 1)  # trial_config always sets it
     device = resolve_device(cfg.train.device)
     ensemble = ensemble_from_numpy(teachers, device)
@@ -113,8 +119,7 @@ def distill_trainable(
             ml.close("FAILED")
         # Deterministic: a retry would fail the same way. Finish the trial with a
         # bad objective value and the reason, so the sweep goes on.
-        bad = FAILED_VALUE[objective["mode"]]
-        tune.report({objective["metric"]: bad, "failed": 1.0, "error": str(err)})
+        tune.report(failure_result(objective, "nonfinite", str(err)))
         return
     except BaseException as err:
         # SystemExit: Tune stopping the trial (ASHA); anything else fails it (Tune may retry).
@@ -133,6 +138,40 @@ def distill_trainable(
         "node_id": node_id,
     }
     tune.report(final)
+
+
+def failure_result(objective: dict, kind: str, error: str) -> dict:
+    """The last result of a trial that failed for a reason no retry can fix: a bad
+    objective value for the searcher, ``failure`` (``nonfinite``, ``teachers_changed``)
+    and the reason."""
+    return {
+        objective["metric"]: FAILED_VALUE[objective["mode"]],
+        "failed": 1.0,
+        "failure": kind,
+        "error": error,
+    }
+
+
+def teachers_changed(path: str, manifest: dict) -> str | None:
+    """Why the ensemble folder no longer holds the teachers the sweep started with, or None.
+
+    The trial trains on the weights the driver verified and shipped; this checks the
+    folder those weights came from, where this node can read it (on a cluster without
+    a shared file system it cannot, and the shipped weights are all there is).
+    """
+    from cdfkd.teachers import changed_teachers
+
+    if not (Path(path) / "ensemble.json").is_file():
+        return None
+    problems = changed_teachers(path, manifest)
+    if not problems:
+        return None
+    return (
+        f"the teacher ensemble {path} changed since the sweep started: "
+        + "; ".join(problems)
+        + ". Its trials would not match the teachers on disk: restore the files, or start "
+        "a new sweep (--name NEW_NAME) on the new teachers"
+    )
 
 
 def student_size(cfg, info) -> dict:

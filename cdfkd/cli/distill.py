@@ -46,6 +46,7 @@ def _run_distill(args: argparse.Namespace) -> int:
 
     from cdfkd.config import load_config
     from cdfkd.tracking.protocol import JsonlLogger, MultiLogger
+    from cdfkd.runs import RunDir
     from cdfkd.train import preflight, run
 
     overrides = list(args.overrides)
@@ -54,6 +55,7 @@ def _run_distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     preflight(cfg)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
+    RunDir(out).prepare(args.resume)  # before any logger writes into the folder
     bar = tqdm(
         total=cfg.train.steps,
         desc=f"{cfg.method.name}",

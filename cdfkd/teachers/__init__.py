@@ -21,6 +21,7 @@ from cdfkd.teachers.manifest import (
 )
 from cdfkd.teachers.store import (
     FileCheck,
+    changed_teachers,
     load_ensemble,
     load_state_file,
     save_ensemble,
@@ -52,6 +53,7 @@ __all__ = [
     "TeacherTrainConfig",
     "TrainProgress",
     "UnsafeCheckpointError",
+    "changed_teachers",
     "check_ensemble_dir",
     "ensemble_from_numpy",
     "ensemble_id",

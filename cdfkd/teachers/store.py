@@ -87,6 +87,31 @@ def verify_ensemble(path: str | Path) -> tuple[Manifest, list[FileCheck]]:
     return manifest, [check_file(directory, e) for e in manifest.teachers]
 
 
+def changed_teachers(path: str | Path, expected: Manifest | dict) -> list[str]:
+    """What differs between the ensemble folder ``path`` now and the ``expected`` manifest
+    (the one a sweep verified and loaded when it started): one line per changed, missing
+    or added teacher file; empty when the folder still holds exactly those teachers."""
+    want = expected["teachers"] if isinstance(expected, dict) else expected.model_dump()["teachers"]
+    try:
+        manifest, checks = verify_ensemble(path)
+    except EnsembleError as err:
+        return [str(err)]
+    problems = [c.problem for c in checks if c.problem is not None]
+    now = {t.file: t.sha256 for t in manifest.teachers}
+    then = {t["file"]: t["sha256"] for t in want}
+    for file in sorted(set(now) | set(then)):
+        if file not in now:
+            problems.append(f"{file} is no longer in {path}/{MANIFEST}")
+        elif file not in then:
+            problems.append(f"{file} was added to {path}/{MANIFEST}")
+        elif now[file] != then[file]:
+            problems.append(
+                f"{file} was replaced (sha256 {now[file][:12]}... now, {then[file][:12]}... "
+                "when the sweep started)"
+            )
+    return problems
+
+
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file or a weights-only torch checkpoint, on CPU.
 

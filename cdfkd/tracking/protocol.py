@@ -57,11 +57,11 @@ class JsonlLogger(NullLogger):
 
     def __init__(self, directory: str | Path) -> None:
         self.path = Path(directory) / METRICS
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         row: dict[str, float | str] = {"step": step, "time": time.time()}
         row.update({k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
