@@ -192,6 +192,7 @@ def ensure_writable(folder: str | Path, min_free: int = MIN_FREE_BYTES) -> None:
         if parent.exists():
             break
         created.append(parent)
+
     def undo() -> None:
         for path in created:  # deepest first
             try:

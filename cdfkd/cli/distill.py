@@ -45,8 +45,8 @@ def _run_distill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cdfkd.config import load_config
-    from cdfkd.tracking.protocol import JsonlLogger, MultiLogger
     from cdfkd.runs import RunDir
+    from cdfkd.tracking.protocol import JsonlLogger, MultiLogger
     from cdfkd.train import preflight, run
 
     overrides = list(args.overrides)
