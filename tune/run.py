@@ -129,8 +129,12 @@ def run_sweep(
     resume: bool = False,
     name: str | None = None,
     write: Callable[[str], None] | None = None,
+    callbacks: list | None = None,
 ) -> dict:
-    """Run (or resume) a sweep; returns {"experiment_dir", "rows", "best" or "pareto"}."""
+    """Run (or resume) a sweep; returns {"experiment_dir", "rows", "best" or "pareto"}.
+
+    ``callbacks``: more ``ray.tune.Callback`` objects, beside the progress table.
+    """
     from ray import tune
 
     from cdfkd.teachers import ensemble_to_numpy, load_ensemble
@@ -180,7 +184,7 @@ def run_sweep(
     table = ProgressTable(spec, write)
     if resume:
         write(f"resuming sweep {spec.name} from {exp_dir}")
-        tuner = restore_tuner(exp_dir, trainable, callbacks=[table])
+        tuner = restore_tuner(exp_dir, trainable, callbacks=[table, *(callbacks or [])])
     else:
         scheduler = None
         tc_metric = tc_mode = None
@@ -218,7 +222,7 @@ def run_sweep(
                 name=spec.name,
                 storage_path=spec.storage_path,
                 verbose=0,
-                callbacks=[table],
+                callbacks=[table, *(callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),
