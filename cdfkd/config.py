@@ -18,6 +18,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 from cdfkd.data import load_dataset
 from cdfkd.errors import ConfigError
 from cdfkd.methods import MethodConfig, method_config_class
+from cdfkd.methods.pool import PoolConfig
 from cdfkd.models import create_student
 from cdfkd.schema import Strict as _Strict
 from cdfkd.schema import format_errors
@@ -30,6 +31,7 @@ __all__ = [
     "GeneratorConfig",
     "MethodConfig",
     "OptimConfig",
+    "PoolConfig",
     "ReferenceConfig",
     "StudentConfig",
     "TeacherConfig",
@@ -128,6 +130,18 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: leave as is")
     max_eval_samples: int | None = Field(None, ge=1, description="cap on test samples per eval")
+    pool: PoolConfig | None = Field(
+        None, description="image pool of generator-based methods; None: the method's default"
+    )
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "auto",
+        description="bf16: autocast for generator, teacher and student forwards; auto: bf16 "
+        "on CUDA devices that support it, fp32 elsewhere",
+    )
+    channels_last: bool | None = Field(
+        None, description="models and images in channels_last memory format; None: on CUDA"
+    )
+    compile: bool = Field(False, description="torch.compile the teachers and the student")
 
 
 class ReferenceConfig(_Strict):

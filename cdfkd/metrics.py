@@ -41,7 +41,7 @@ def evaluate_headers(
             break
         if max_samples is not None:
             x, y = x[: max_samples - seen], y[: max_samples - seen]
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = logits_fn(x)
         if logits.dim() == 2:
             logits = logits.unsqueeze(0)

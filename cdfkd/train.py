@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -45,7 +46,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``on_progress(step, total, {"loss/<name>": value})``, after every step
+#: ``on_progress(step, total, {"loss/<name>": 0-d tensor})``, after every step; the values
+#: stay on the device (reading one waits for it: do it every few steps, as the CLI does)
 ProgressFn = Callable[[int, int, dict], None]
 #: ``on_eval(step, metrics, run folder)``, after each evaluation and its checkpoint
 EvalFn = Callable[[int, dict, Path], None]
@@ -226,39 +228,91 @@ def train_loop(
     s: Session, on_progress: ProgressFn | None = None, on_eval: EvalFn | None = None
 ) -> None:
     """One method round per step until ``train.steps``; evaluations and checkpoints at
-    their cadence (and at the last step); a non-finite loss stops the run."""
+    their cadence (and at the last step); a non-finite loss stops the run.
+
+    The hot loop does not wait for the device: losses stay on it (summed, and the first
+    non-finite step remembered there) and are read at evaluations and checkpoints, which
+    is also where a NaN is raised, naming its loss and exact step, before a checkpoint
+    could save the broken state.
+    """
     tc, method = s.cfg.train, s.method
     total, t0 = tc.steps, time.time()
+    tracker = LossTracker()
     while method.step_count < total:
         losses = method.step()
         step = method.step_count
-        values = torch.stack([v.float() for v in losses.values()])
-        if not torch.isfinite(values).all():
-            raise nonfinite_error(losses, step, s.run_dir)
-        scalars = {f"loss/{k}": v for k, v in zip(losses, values.tolist(), strict=True)}
+        tracker.add(losses, step)
         if on_progress is not None:
-            on_progress(step, total, scalars)
+            on_progress(step, total, {f"loss/{k}": v for k, v in losses.items()})
         evaluate_now = step % tc.eval_every == 0 or step == total
+        checkpoint_now = step % tc.checkpoint_every == 0 or step == total
+        if evaluate_now or checkpoint_now:
+            tracker.raise_if_nonfinite(s.run_dir)
         if evaluate_now:
             metrics = evaluate(s, final=False)
             metrics["steps_per_second"] = (step - s.started_at_step) / max(time.time() - t0, 1e-9)
-            s.logger.log_metrics({**scalars, **metrics}, step)
-        if step % tc.checkpoint_every == 0 or step == total:
+            s.logger.log_metrics({**tracker.means(), **metrics}, step)
+        if checkpoint_now:
             s.run_dir.save_checkpoint(method.state_dict())
         if on_eval is not None and evaluate_now:
             on_eval(step, metrics, s.run_dir.path)
     s.loop_seconds = time.time() - t0
 
 
-def nonfinite_error(losses: dict, step: int, run_dir: RunDir) -> NonFiniteLossError:
-    bad = next(k for k, v in losses.items() if not torch.isfinite(v))
+class LossTracker:
+    """Per-step losses kept on their device: running sums for the logged means, and the
+    first step at which any of them was not finite (with the values of that step)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+        self.bad_step: torch.Tensor | None = None
+        self.bad_values: torch.Tensor | None = None
+
+    def add(self, losses: dict[str, torch.Tensor], step: int) -> None:
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if list(losses) != self.keys or self.sums is None:
+            if self.sums is not None:  # a method whose loss names change mid-run: start over
+                self.means()
+            self.keys = list(losses)
+            self.sums = torch.zeros_like(values)
+            self.bad_step = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.bad_values = torch.zeros_like(values)
+        assert self.bad_step is not None and self.bad_values is not None
+        first = torch.logical_and(~torch.isfinite(values).all(), self.bad_step < 0)
+        self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
+        self.bad_values = torch.where(first, values, self.bad_values)
+        self.sums += values
+        self.count += 1
+
+    def raise_if_nonfinite(self, run_dir: RunDir) -> None:
+        if self.bad_step is None or self.bad_values is None or int(self.bad_step) < 0:
+            return  # the one read of the device since the last check
+        bad = {k: v for k, v in zip(self.keys, self.bad_values.tolist(), strict=True)}
+        raise nonfinite_error(bad, int(self.bad_step), run_dir)
+
+    def means(self) -> dict[str, float]:
+        """``{"loss/<name>": mean since the last call}``, then start the next window."""
+        if self.sums is None or self.count == 0:
+            return {}
+        out = {
+            f"loss/{k}": v / self.count for k, v in zip(self.keys, self.sums.tolist(), strict=True)
+        }
+        self.sums.zero_()
+        self.count = 0
+        return out
+
+
+def nonfinite_error(losses: dict[str, float], step: int, run_dir: RunDir) -> NonFiniteLossError:
+    bad = next(k for k, v in losses.items() if not math.isfinite(v))
     kept = (
         f"last good checkpoint kept at {run_dir / CHECKPOINT}"
         if run_dir.has_checkpoint
         else "no checkpoint yet"
     )
     return NonFiniteLossError(
-        f"loss {bad!r} became {losses[bad].item()} at step {step}; {kept}. "
+        f"loss {bad!r} became {losses[bad]} at step {step}; {kept}. "
         "Lower the learning rates or the loss weights, then resume or restart"
     )
 

@@ -49,20 +49,27 @@ def teachers(digits):
     return TeacherEnsemble(models, info, ["lenet5"] * NUM_TEACHERS, mode="loop")
 
 
-def _config(name: str, student: str, **method):
+def _config(name: str, student: str, train: dict | None = None, **method):
     raw = {
         "method": {"name": name, **method},
         "teachers": {"path": "in-memory"},
         "student": STUDENTS[student],
         "generator": {"nz": 16, "width": 16},
-        "train": {"steps": 2 * STEPS, "batch_size": BATCH, "seed": 3, "device": "cpu"},
+        "train": {
+            "steps": 2 * STEPS,
+            "batch_size": BATCH,
+            "seed": 3,
+            "device": "cpu",
+            **(train or {}),
+        },
     }
     return build_config(raw, source=f"contract:{name}")
 
 
-def _build(name: str, student: str, teachers, digits, **method):
-    train, _, info = digits
-    return create_method(_config(name, student, **method), teachers, info, CPU, train_data=train)
+def _build(name: str, student: str, teachers, digits, train: dict | None = None, **method):
+    data, _, info = digits
+    cfg = _config(name, student, train, **method)
+    return create_method(cfg, teachers, info, CPU, train_data=data)
 
 
 def _run(method, steps: int, between=None) -> list[dict[str, torch.Tensor]]:
@@ -192,3 +199,37 @@ def test_bn_prior_refuses_teachers_without_batchnorm(name, teachers, digits):
     losses = _build(name, "single", no_bn, digits, **{weight: 0.0}).step()
     assert "bn" not in losses
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+GENERATOR_METHODS = [n for n in list_methods() if METHODS.get(n).generator_kind is not None]
+POOL = {"pool": {"size": 3 * BATCH, "refresh": 1}}
+
+
+@pytest.mark.parametrize("name", GENERATOR_METHODS)
+def test_image_pool_resumes_exactly_and_feeds_student_updates(name, teachers, digits, roundtrip):
+    method = _build(name, "mfs", teachers, digits, POOL)
+    first = _run(method, STEPS)
+    assert all(torch.isfinite(v) for losses in first for v in losses.values())
+    pool = method.pool
+    assert pool is not None and len(pool) > 0  # the generator updates' batches went in
+    sd = roundtrip(method.state_dict())
+    assert sd["pool"]["filled"] == len(pool)
+    straight = _run(method, STEPS)
+    resumed_method = _build(name, "mfs", teachers, digits, POOL)
+    resumed_method.load_state_dict(sd)
+    resumed = _run(resumed_method, STEPS)
+    _assert_same_run(straight, resumed, _trainable_state(method), _trainable_state(resumed_method))
+    # A checkpoint written without a pool does not resume a config with one.
+    plain = _build(name, "mfs", teachers, digits)
+    _run(plain, 1)
+    with pytest.raises(ValueError, match="disagree on the image pool"):
+        _build(name, "mfs", teachers, digits, POOL).load_state_dict(roundtrip(plain.state_dict()))
+
+
+@pytest.mark.parametrize("name", ["cgdd", "cdfkd_mfs"])
+def test_bf16_autocast_runs_on_cpu(name, teachers, digits):
+    method = _build(name, "mfs", teachers, digits, {"precision": "bf16"})
+    assert method.autocast_dtype is torch.bfloat16
+    for losses in _run(method, STEPS):
+        assert all(torch.isfinite(v.float()) for v in losses.values())
+    assert all(p.dtype == torch.float32 for p in method.student.parameters())  # weights stay fp32

@@ -62,6 +62,7 @@ def start_parent(spec, base: dict, exp_dir: Path) -> tuple[MLflowLogger | None, 
         "parent_dir": str(Path(exp_dir).resolve()),
         "sweep": spec.name,
         "teachers_id": teachers_id,
+        "log_trial_models": ml.log_trial_models,
     }
     return parent, trial
 

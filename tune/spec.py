@@ -107,6 +107,11 @@ class MLflowSpec(Strict):
     register_name: str | None = Field(
         None, description="registered model of the best student; None: <name>-best"
     )
+    log_trial_models: bool = Field(
+        False,
+        description="log every trial's student as an MLflow model (a pt2 export, seconds per "
+        "trial); by default only the students that get registered are exported",
+    )
 
 
 class SweepSpec(Strict):

@@ -109,9 +109,8 @@ def distill_trainable(
         from cdfkd.tune.mlflow_sweep import trial_logger
 
         ctx = tune.get_context()
-        ml = trial_logger(
-            mlflow, out, ctx.get_trial_id(), ctx.get_trial_name(), cfg.tracking.log_model
-        )
+        log_model = cfg.tracking.log_model and bool(mlflow.get("log_trial_models"))
+        ml = trial_logger(mlflow, out, ctx.get_trial_id(), ctx.get_trial_name(), log_model)
     try:
         result = run(cfg, out, logger=ml, resume=resume, teachers=ensemble, on_eval=report)
     except NonFiniteLossError as err:

@@ -17,15 +17,18 @@ MLflow columns of different methods line up.
 from __future__ import annotations
 
 import abc
+import functools
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
+from torch.profiler import record_function
 
 from cdfkd.bn_hooks import BNStatsRecorder
 from cdfkd.generators import LatentGenerator
 from cdfkd.losses import bn_statistics, first_layer_rescale
+from cdfkd.methods.pool import ImagePool, PoolConfig
 from cdfkd.models import FeatureOutput
 from cdfkd.registry import Registry
 from cdfkd.schema import Strict
@@ -120,6 +123,35 @@ def teacher_targets(teacher_logits: torch.Tensor, num_headers: int) -> torch.Ten
     )
 
 
+def phase(name: str):
+    """Label a method's ``student_step``/``generator_step`` for ``torch.profiler``
+    (``cdfkd.student_update``, ``cdfkd.generator_update``): ``benchmarks/throughput.py``
+    splits a round's time by these ranges; outside a profiler they cost nothing."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def labelled(*args, **kwargs):
+            with record_function(f"cdfkd.{name}"):
+                return fn(*args, **kwargs)
+
+        return labelled
+
+    return decorate
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of autocast regions for ``train.precision`` on ``device`` (None: fp32).
+
+    ``auto`` picks bf16 on CUDA devices with bf16 support and fp32 elsewhere: on CPU,
+    bf16 autocast was slower than fp32 here (BENCHMARKS.md).
+    """
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 class TeacherBNPrior:
     """The BN-statistics prior over a teacher ensemble (DeepInversion; CDFKD-MFS):
 
@@ -147,15 +179,15 @@ class TeacherBNPrior:
             s for layers in per_teacher for s in first_layer_rescale(len(layers), first_rescale)
         ]
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher logits (N, B, C) on ``x`` and the prior () on that batch (None when
-        disabled). Both keep their graph to ``x``."""
+    def __call__(self, x: torch.Tensor, features: bool = False):
+        """Teacher logits (N, B, C) on ``x`` (their ``FeatureOutput`` with ``features``) and
+        the prior () on that batch (None when disabled). Both keep their graph to ``x``."""
         if not self.enabled:
-            return self.teachers(x), None
+            return self.teachers(x, return_features=features), None
         # Hooks live only for this forward: every other teacher pass (the student
         # steps') computes no statistics and stays hook-free.
         with BNStatsRecorder(self.layers) as rec:
-            t = self.teachers(x)
+            t = self.teachers(x, return_features=features)
             prior = bn_statistics(*rec.statistics(), rescale=self.rescale)
         return t, prior / self.teachers.num_teachers
 
@@ -172,6 +204,8 @@ class DistillMethod(abc.ABC):
     #: the config field weighting the teachers' BN-statistics prior (with the config's
     #: ``bn_first_rescale``): the method gets ``self.bn_prior``; None: no prior.
     bn_prior_weight: ClassVar[str | None] = None
+    #: the image pool when ``train.pool`` is unset (chosen by measurement, BENCHMARKS.md)
+    default_pool: ClassVar[PoolConfig] = PoolConfig()
 
     def __init__(
         self, cfg: ExperimentConfig, teachers, info, device: torch.device, train_data=None
@@ -214,11 +248,50 @@ class DistillMethod(abc.ABC):
             self.bn_prior = TeacherBNPrior(
                 self.teachers, first, self.bn_prior_weight, enabled=weight > 0
             )
+        self.pool_cfg = cfg.train.pool or self.default_pool
+        self.pooling = self.generator is not None and self.pool_cfg.size > 0
+        self._pool: ImagePool | None = None  # built at first use: subclasses set up first
+        self._pool_refreshed = False
+        self.autocast_dtype = autocast_dtype(cfg.train.precision, device)
+        self._fast_path(cfg.train)
         self.step_count = 0
+
+    def _fast_path(self, tc) -> None:
+        """channels_last memory format, cuDNN autotuning and ``torch.compile``, as configured."""
+        channels_last = (
+            tc.channels_last if tc.channels_last is not None else self.device.type == "cuda"
+        )
+        if channels_last:
+            for module in (self.teachers, self.student, self.generator):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: autotune once per shape
+        if tc.compile:
+            # In place (nn.Module.compile): state_dict keys, checkpoints and exports stay as they are.
+            self.student.compile()
+            for teacher in self.teachers.teachers:
+                teacher.compile()
 
     # -- hooks for subclasses -------------------------------------------------
     def build_extra(self) -> dict[str, nn.Module]:
         return {}
+
+    @property
+    def pool(self) -> ImagePool | None:
+        """The image pool (``train.pool``), or None when off or for methods without a generator."""
+        if self.pooling and self._pool is None:
+            self._pool = ImagePool(self.pool_cfg.size, keep_stages=self.pool_stages())
+        return self._pool
+
+    @property
+    def pool_features(self) -> bool:
+        """Whether student updates need the teachers' features (not just logits)."""
+        return False
+
+    def pool_stages(self) -> set[int]:
+        """Teacher stage indices whose maps the pool keeps (for attention transfer)."""
+        return set()
 
     @abc.abstractmethod
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -229,7 +302,13 @@ class DistillMethod(abc.ABC):
         self.student.train()
         if self.generator is not None:
             self.generator.train()
-        losses = self.train_step()
+        self._pool_refreshed = False
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            losses = self.train_step()
         self.sched_s.step()
         if self.sched_g is not None:
             self.sched_g.step()
@@ -272,8 +351,32 @@ class DistillMethod(abc.ABC):
         """A new generated batch for a student update, without gradients: ``(x, y, t)``,
         images (B, C, H, W), preset labels (B,) or None, and the teachers' logits
         (N, B, C) (their ``FeatureOutput`` when ``features``)."""
-        x, y = self.generate(self.cfg.train.batch_size)
-        return x, y, self.teachers(x, return_features=features)
+        with record_function("cdfkd.synthesis"):
+            x, y = self.generate(self.cfg.train.batch_size)
+        with record_function("cdfkd.teacher_forward"):
+            t = self.teachers(x, return_features=features)
+        return x, y, t
+
+    def student_batch(self, features: bool = False):
+        """The batch of a student update, ``(x, y, t)`` as :meth:`fresh_batch` gives it:
+        drawn from the image pool when there is one (after this round's ``refresh``
+        fresh batches went in), else a fresh batch."""
+        pool = self.pool
+        if pool is None:
+            return self.fresh_batch(features)
+        if not self._pool_refreshed or len(pool) == 0:
+            self._pool_refreshed = True
+            for _ in range(max(self.pool_cfg.refresh, 1 if len(pool) == 0 else 0)):
+                pool.add(*self.fresh_batch(self.pool_features))
+        with record_function("cdfkd.pool_sample"):
+            return pool.sample(self.cfg.train.batch_size, self.rng, features)
+
+    def keep(self, x: torch.Tensor, y: torch.Tensor | None, t) -> None:
+        """Put a generator update's batch (detached) in the pool, when there is one: its
+        images and teacher outputs were computed anyway, so they cost nothing more."""
+        pool = self.pool
+        if pool is not None:
+            pool.add(x.detach(), y, t)
 
     def update_student(self, loss: torch.Tensor) -> None:
         """One optimiser step of the student (and ``extra``) on ``loss``."""
@@ -366,6 +469,9 @@ class DistillMethod(abc.ABC):
             sd["generator"] = self.generator.state_dict()
             sd["opt_g"] = self.opt_g.state_dict()
             sd["sched_g"] = self.sched_g.state_dict()
+        pool = self.pool
+        if pool is not None:
+            sd["pool"] = pool.state_dict()
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -378,6 +484,14 @@ class DistillMethod(abc.ABC):
         self.extra.load_state_dict(sd["extra"])
         self.opt_s.load_state_dict(sd["opt_s"])
         self.sched_s.load_state_dict(sd["sched_s"])
+        pool = self.pool
+        if (pool is None) != ("pool" not in sd):
+            raise ValueError(
+                "this checkpoint and the config disagree on the image pool (train.pool): "
+                "resume with the config that wrote it"
+            )
+        if pool is not None:
+            pool.load_state_dict(sd["pool"], self.device)
         if self.generator is not None:
             assert self.opt_g is not None and self.sched_g is not None
             self.generator.load_state_dict(sd["generator"])

@@ -37,6 +37,7 @@ from cdfkd.methods.base import (
     MethodConfig,
     detached,
     mean_losses,
+    phase,
     register_method,
     teacher_targets,
 )
@@ -60,6 +61,7 @@ class CDFKD(DistillMethod):
     Config = CDFKDConfig
     generator_kind = "dcgan"
 
+    @phase("generator_update")
     def generator_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """One G update; returns its losses and the detached images and (N, B, C) teacher
         logits it used (taken before the update) for the student step on the same batch."""
@@ -72,15 +74,17 @@ class CDFKD(DistillMethod):
             + m.w_ie * losses["information_entropy"]
             + m.w_a * losses["activation"]
         )
+        self.keep(x, None, out.logits)
         self.update_generator(loss)
         losses["generator"] = loss
         return detached(losses), x.detach(), out.logits.detach()
 
+    @phase("student_update")
     def student_step(self, x: torch.Tensor | None = None, t: torch.Tensor | None = None):
         """One student update on (x, t), or on a fresh generated batch; detached losses."""
         m = self.mcfg
         if x is None or t is None:
-            x, _, t = self.fresh_batch()
+            x, _, t = self.student_batch()
         s = self.student_logits(x)
         loss_head = kd_kl(s, teacher_targets(t, self.num_headers))
         loss_ens = kd_kl(s.mean(0), t.mean(0))

@@ -44,9 +44,11 @@ from cdfkd.methods.base import (
     TeacherBNPrior,
     detached,
     mean_losses,
+    phase,
     register_method,
     teacher_targets,
 )
+from cdfkd.models import FeatureOutput
 
 
 class CDFKDMFSConfig(MethodConfig):
@@ -106,13 +108,18 @@ class CDFKDMFS(DistillMethod):
         key = f"proj_{h}_{t}"
         return self.extra[key](f) if key in self.extra else f
 
+    @property
+    def pool_features(self) -> bool:
+        return True  # the feature term reads the teachers' embeddings
+
     # -- one round -------------------------------------------------------------
+    @phase("student_update")
     def student_step(self) -> dict[str, torch.Tensor]:
         """One student update on a fresh no-grad batch. Returns detached ``kd``,
         ``kd_ensemble``, ``feature`` (when lambda_feat > 0) and their weighted sum
         ``student``."""
         m = self.mcfg
-        x, _, t_out = self.fresh_batch(features=True)
+        x, _, t_out = self.student_batch(features=True)
         s_out = self.student_features(x)
         s_logits, s_emb = s_out.logits, s_out.embedding
         t_logits = t_out.logits
@@ -133,12 +140,16 @@ class CDFKDMFS(DistillMethod):
         losses["student"] = loss
         return detached(losses)
 
+    @phase("generator_update")
     def generator_step(self) -> dict[str, torch.Tensor]:
         """One G update. Returns detached ``adversarial`` (the per-header L1 it maximises),
         ``bn`` (when lambda_bn > 0) and the total ``generator`` loss."""
         m = self.mcfg
         x, _ = self.generate(self.cfg.train.batch_size)
-        t_logits, bn = self.bn_prior(x)  # not detached: G also learns through the teachers
+        # Not detached: G also learns through the teachers.
+        t_out, bn = self.bn_prior(x, features=self.pooling)
+        self.keep(x, None, t_out)
+        t_logits = t_out.logits if isinstance(t_out, FeatureOutput) else t_out
         adv = l1_logits(self.student_logits(x), teacher_targets(t_logits, self.num_headers))
         loss = -m.w_adv * adv
         losses = {"adversarial": adv}

@@ -69,9 +69,11 @@ from cdfkd.methods.base import (
     TeacherBNPrior,
     detached,
     mean_losses,
+    phase,
     register_method,
     teacher_targets,
 )
+from cdfkd.models import FeatureOutput
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +141,22 @@ class CGDD(DistillMethod):
                         "cgdd: no stage pair with maps larger than 1x1; attention transfer is off"
                     )
 
+    @property
+    def pool_features(self) -> bool:
+        return self.mcfg.gamma > 0 and bool(self.at_pairs)
+
+    def pool_stages(self) -> set[int]:
+        return {t for _, t in self.at_pairs}  # the teacher maps attention transfer reads
+
+    @phase("generator_update")
     def generator_step(self) -> dict[str, torch.Tensor]:
         """One G update; returns ``generator`` (L_G) and its terms ``preset_ce``,
         ``information_entropy``, ``bn`` (if w_bn > 0), ``adversarial`` (D, if w_adv > 0)."""
         m = self.mcfg
         x, y = self.generate(self.cfg.train.batch_size)
-        t, bn = self.bn_prior(x)
+        t_out, bn = self.bn_prior(x, features=self.pooling and self.pool_features)
+        self.keep(x, y, t_out)
+        t = t_out.logits if isinstance(t_out, FeatureOutput) else t_out
         losses = {} if bn is None else {"bn": bn}
         t_bar = t.mean(0)
         losses["preset_ce"] = preset_label_ce(t_bar, y)
@@ -161,12 +173,13 @@ class CGDD(DistillMethod):
         losses["generator"] = loss_g
         return detached(losses)
 
+    @phase("student_update")
     def student_step(self) -> dict[str, torch.Tensor]:
         """One student update on a fresh batch; returns ``student`` (L_S) and its terms
         ``kd``, ``student_ce``, ``attention`` (each only when its weight is > 0)."""
         m = self.mcfg
         use_at = m.gamma > 0 and bool(self.at_pairs)
-        x, y, t_out = self.fresh_batch(features=use_at)
+        x, y, t_out = self.student_batch(features=use_at)
         s_out = self.student_features(x) if use_at else None
         if s_out is not None:
             s, t = s_out.logits, t_out.logits

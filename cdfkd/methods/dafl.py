@@ -39,6 +39,7 @@ from cdfkd.methods.base import (
     DistillMethod,
     MethodConfig,
     detached,
+    phase,
     register_method,
     teacher_targets,
 )
@@ -83,6 +84,7 @@ class DAFL(DistillMethod):
     Config = DAFLConfig
     generator_kind = "dcgan"
 
+    @phase("generator_update")
     def generator_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """One G update. Returns the losses and the (detached) images and teacher
         logits ``(N, B, C)`` it used, taken before the update."""
@@ -102,17 +104,19 @@ class DAFL(DistillMethod):
             )
             loss_g = loss_g - m.w_adv * adv
             losses["adversarial"] = adv
+        self.keep(x, None, out.logits)
         self.update_generator(loss_g)
         losses["generator"] = loss_g
         return detached(losses), x.detach(), out.logits.detach()
 
+    @phase("student_update")
     def student_step(
         self, x: torch.Tensor | None = None, t: torch.Tensor | None = None
     ) -> torch.Tensor:
         """One student update on ``x`` with teacher logits ``t`` (both detached), or on a
         fresh generated batch when they are not given. Returns the KD loss (detached)."""
         if x is None or t is None:
-            x, _, t = self.fresh_batch()
+            x, _, t = self.student_batch()
         loss = kd_kl(
             self.student_logits(x), teacher_targets(t, self.num_headers), self.mcfg.temperature
         )

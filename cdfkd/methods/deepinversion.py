@@ -46,6 +46,7 @@ from cdfkd.methods.base import (
     MethodConfig,
     TeacherBNPrior,
     detached,
+    phase,
     register_method,
     teacher_targets,
 )
@@ -87,12 +88,14 @@ class DeepInversion(DistillMethod):
     generator_kind = "conditional"
     bn_prior_weight = "w_bn"
 
+    @phase("generator_update")
     def generator_step(self) -> dict[str, torch.Tensor]:
         """One G update; returns ``generator`` (L_G) and its terms ``bn`` (if w_bn > 0),
         ``preset_ce``, ``total_variation``, ``adversarial`` (D, if w_adv > 0)."""
         m = self.mcfg
         x, y = self.generate(self.cfg.train.batch_size)
         t, bn = self.bn_prior(x)
+        self.keep(x, y, t)
         losses = {} if bn is None else {"bn": bn}
         losses["preset_ce"] = preset_label_ce(t, y.expand(t.shape[0], -1))
         losses["total_variation"] = total_variation(x, reduction="mean")
@@ -109,9 +112,10 @@ class DeepInversion(DistillMethod):
         losses["generator"] = loss_g
         return detached(losses)
 
+    @phase("student_update")
     def student_step(self) -> torch.Tensor:
         """One KD update on a fresh detached batch; returns the KD loss (detached)."""
-        x, _, t = self.fresh_batch()
+        x, _, t = self.student_batch()
         s = self.student_logits(x)
         loss = kd_kl(s, teacher_targets(t, s.shape[0]), self.mcfg.temperature)
         self.update_student(loss)

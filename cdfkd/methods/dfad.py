@@ -27,7 +27,7 @@ from pydantic import Field
 
 from cdfkd.generators import LatentGenerator
 from cdfkd.losses import l1_logits
-from cdfkd.methods.base import DistillMethod, MethodConfig, register_method, teacher_targets
+from cdfkd.methods.base import DistillMethod, MethodConfig, phase, register_method, teacher_targets
 
 
 class DFADConfig(MethodConfig):
@@ -43,20 +43,22 @@ class DFAD(DistillMethod):
     Config = DFADConfig
     generator_kind = "dcgan"
 
+    @phase("student_update")
     def student_step(self) -> torch.Tensor:
         """One student update on a fresh detached batch; returns L1(s, t) (detached)."""
-        x, _, t = self.fresh_batch()
+        x, _, t = self.student_batch()
         loss = l1_logits(self.student_logits(x), teacher_targets(t, self.num_headers))
         self.update_student(loss)
         return loss.detach()
 
+    @phase("generator_update")
     def generator_step(self) -> dict[str, torch.Tensor]:
         """One G update maximising the student-teacher L1; returns
         ``{"generator": -w_adv * L1, "discrepancy": L1}`` (detached)."""
         x, _ = self.generate(self.cfg.train.batch_size)
-        discrepancy = l1_logits(
-            self.student_logits(x), teacher_targets(self.teachers(x), self.num_headers)
-        )
+        t = self.teachers(x)
+        self.keep(x, None, t)
+        discrepancy = l1_logits(self.student_logits(x), teacher_targets(t, self.num_headers))
         loss_g = -self.mcfg.w_adv * discrepancy
         self.update_generator(loss_g)
         return {"generator": loss_g.detach(), "adversarial": discrepancy.detach()}

@@ -39,6 +39,7 @@ from cdfkd.methods.base import (
     DistillMethod,
     MethodConfig,
     mean_losses,
+    phase,
     register_method,
     teacher_targets,
 )
@@ -95,6 +96,7 @@ class KDReal(DistillMethod):
             parts.append(take)
         return torch.cat(parts)
 
+    @phase("student_update")
     def student_step(self) -> dict[str, torch.Tensor]:
         m = self.mcfg
         idx = self._next_indices(self.cfg.train.batch_size)
