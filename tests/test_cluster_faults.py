@@ -4,12 +4,9 @@ node's processes can be found and killed without touching any other Ray on the h
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,96 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_nodes import LocalCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-RAY = str(Path(sys.executable).parent / "ray")
 CDFKD = [sys.executable, "-m", "cdfkd"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(proc.name))
-    return tree
-
-
-def _mentioning(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
-
-
-class LocalCluster:
-    """A head and worker nodes started with `ray start`, each with its own temp dir."""
-
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root = root
-        self.env = env
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.nodes: list[Path] = []
-
-    def _start(self, args: list[str], resources: dict, env: dict | None) -> Path:
-        temp = Path(f"/tmp/cdfkd-node-{self.port}-{len(self.nodes)}")
-        self.nodes.append(temp)
-        out = subprocess.run(
-            [
-                RAY,
-                "start",
-                *args,
-                "--num-cpus=1",
-                f"--resources={json.dumps(resources)}",
-                f"--temp-dir={temp}",
-                "--object-store-memory=150000000",
-                "--disable-usage-stats",
-            ],
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-        )
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        return temp
-
-    def start_head(self, resources: dict | None = None) -> Path:
-        return self._start(["--head", f"--port={self.port}"], resources or {}, None)
-
-    def add_worker(self, resources: dict, env: dict | None = None) -> Path:
-        return self._start([f"--address={self.address}"], resources, env)
-
-    def kill(self, node: Path) -> None:
-        """SIGKILL every process of ``node``: its raylet, agents and workers."""
-        tree = _children()
-        todo, doomed = _mentioning(str(node)), set()
-        while todo:
-            pid = todo.pop()
-            if pid not in doomed and pid != os.getpid():
-                doomed.add(pid)
-                todo.extend(tree.get(pid, []))
-        for pid in doomed:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-    def stop(self) -> None:
-        for node in reversed(self.nodes):
-            self.kill(node)
 
 
 def _spec(path: Path, teachers: Path, root: Path, **fields) -> Path:
@@ -142,8 +54,17 @@ def _wait_for(condition, what: str, timeout: float = 600):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.parametrize(
+    "hold",
+    [
+        pytest.param({"step": 13}, id="after-its-checkpoint"),
+        # Step 24's evaluation is in MLflow, its checkpoint never written: the restored
+        # trial computes step 24 again and must not log it twice.
+        pytest.param({"step": 24, "at": "save"}, id="between-logging-and-checkpoint"),
+    ],
+)
 def test_worker_node_lost_mid_trial_resumes_on_another_node_in_the_same_mlflow_run(
-    ray_env, digits_ensemble
+    ray_env, digits_ensemble, hold
 ):
     from mlflow import MlflowClient
 
@@ -151,10 +72,10 @@ def test_worker_node_lost_mid_trial_resumes_on_another_node_in_the_same_mlflow_r
 
     env = {**os.environ}
     cluster = LocalCluster(ray_env, env)
-    # Worker A's trial waits after its step-12 checkpoint until the test says go; by then
-    # A has been killed, so it never goes on there.
+    # Worker A's trial waits where ``hold`` says until the test says go; by then A has
+    # been killed, so it never goes on there.
     marker, release = ray_env / "held.json", ray_env / "release"
-    hold = worker_env({"hold": {"step": 13, "marker": str(marker), "release": str(release)}})
+    faults = worker_env({"hold": {**hold, "marker": str(marker), "release": str(release)}})
     uri = f"sqlite:///{ray_env / 'mlflow.db'}"
     spec = _spec(
         ray_env / "lost.yaml",
@@ -167,7 +88,7 @@ def test_worker_node_lost_mid_trial_resumes_on_another_node_in_the_same_mlflow_r
     driver = None
     try:
         cluster.start_head()
-        node_a = cluster.add_worker({"slot": 1}, env=hold)
+        node_a = cluster.add_worker({"slot": 1}, env=faults)
         driver = subprocess.Popen(
             [*CDFKD, "sweep", str(spec), "--address", cluster.address],
             cwd=ray_env,
@@ -176,7 +97,7 @@ def test_worker_node_lost_mid_trial_resumes_on_another_node_in_the_same_mlflow_r
             stderr=subprocess.STDOUT,
             text=True,
         )
-        _wait_for(marker.exists, "the trial to reach step 13 on worker A")
+        _wait_for(marker.exists, "the trial to reach its hold on worker A")
         held_on = json.loads(marker.read_text())["node_id"]
         cluster.kill(node_a)  # a spot worker reclaimed: every process of the node, at once
         release.touch()
@@ -236,6 +157,22 @@ def test_token_auth_cluster_runs_a_sweep_with_the_token_and_refuses_without(
         assert "export RAY_AUTH_MODE=token" in refused.stderr
         assert "~/.ray/auth_token" in refused.stderr
         assert not (ray_env / "sweeps" / "auth" / "results.csv").exists()
+        # With the mode but a wrong or unreadable token: refused with that advice, no
+        # traceback. (A short GCS wait: a refused client otherwise retries for ~25 s.)
+        quick = {"RAY_gcs_server_port_wait_time_s": "3", "RAY_AUTH_MODE": "token"}
+        for wrong in ({"RAY_AUTH_TOKEN": "f" * 64}, {"RAY_AUTH_TOKEN_PATH": str(ray_env / "none")}):
+            out = subprocess.run(
+                [*CDFKD, "sweep", str(spec), "--address", cluster.address],
+                cwd=ray_env,
+                env={**bare, **quick, **wrong},
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert out.returncode == 1, out.stderr[-3000:]
+            assert "Traceback" not in out.stderr, out.stderr[-3000:]
+            assert "cdfkd: error: could not connect" in out.stderr
+            assert "refused this client's token" in out.stderr
         ran = subprocess.run(
             [*CDFKD, "sweep", str(spec), "--address", cluster.address],
             cwd=ray_env,

@@ -297,37 +297,14 @@ def _free_port() -> int:
 
 
 def test_two_node_cluster_places_trials_on_both_nodes(ray_env, digits_ensemble):
+    from ray_nodes import LocalCluster
+
     from cdfkd.tune import run_sweep
 
-    port = _free_port()
-    temp = Path(f"/tmp/cdfkd-ray-{port}")
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    common = [
-        "--num-cpus=1",
-        f"--temp-dir={temp}",
-        "--object-store-memory=150000000",
-        "--disable-usage-stats",
-    ]
-    env = dict(os.environ)
-    subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", '--resources={"head_slot": 1}', *common],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    cluster = LocalCluster(ray_env, dict(os.environ))
     try:
-        subprocess.run(
-            [
-                ray_bin,
-                "start",
-                f"--address=127.0.0.1:{port}",
-                '--resources={"gpu_sim": 1}',
-                *common,
-            ],
-            check=True,
-            env=env,
-            capture_output=True,
-        )
+        cluster.start_head({"head_slot": 1})
+        cluster.add_worker({"gpu_sim": 1})
         spec = _write_spec(
             ray_env / "two.yaml",
             name="two",
@@ -337,7 +314,7 @@ def test_two_node_cluster_places_trials_on_both_nodes(ray_env, digits_ensemble):
             max_concurrent_trials=2,
             storage_path=str(ray_env / "sweeps"),
         )
-        summary = run_sweep(spec, address=f"127.0.0.1:{port}", write=lambda _: None)
+        summary = run_sweep(spec, address=cluster.address, write=lambda _: None)
         assert all(r["status"] == "COMPLETE" for r in summary["rows"])
         assert len({r["node_id"] for r in summary["rows"]}) == 2
         # The remote node's trial wrote its run folder into the (shared) storage path too.
@@ -347,19 +324,7 @@ def test_two_node_cluster_places_trials_on_both_nodes(ray_env, digits_ensemble):
         import ray
 
         ray.shutdown()
-        _kill_processes_mentioning(str(temp))
-
-
-def _kill_processes_mentioning(text: str) -> None:
-    """Stop this test's Ray nodes only (`ray stop` would end every Ray on the machine)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
+        cluster.stop()
 
 
 def test_unreachable_cluster_is_refused_before_ray_retries(ray_env, monkeypatch):

@@ -40,18 +40,36 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     if address != "auto":
         _probe(address)
+    from ray.exceptions import AuthenticationError
+
     try:
         ray.init(address=address, **quiet)
-    except (ConnectionError, RuntimeError) as err:
-        hint = ""
-        if os.environ.get("RAY_AUTH_MODE") != "token":
-            hint = (
-                " Ray 2.60 clusters use token authentication: export RAY_AUTH_MODE=token and make the "
-                "cluster's token available (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)."
-            )
+    except (ConnectionError, RuntimeError, AuthenticationError) as err:
         raise ConfigError(
-            f"could not connect to the Ray cluster at {address!r} ({err}).{hint}"
+            f"could not connect to the Ray cluster at {address!r} ({err}).{_auth_hint(err)}"
         ) from None
+
+
+def _auth_hint(err: BaseException) -> str:
+    """What to do about a refused connection, from the error chain and RAY_AUTH_MODE."""
+    chain: list[str] = []
+    seen: BaseException | None = err
+    while seen is not None:
+        chain.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(chain)
+    where = "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        return (
+            " Ray 2.60 clusters use token authentication: export RAY_AUTH_MODE=token and make "
+            f"the cluster's token available ({where})."
+        )
+    if "InvalidAuthToken" in text or "AuthenticationError" in text or "token" in text.lower():
+        return (
+            f" The cluster refused this client's token: use the cluster's own token ({where}; "
+            "`ray get-auth-token` on the head prints it), readable by this user."
+        )
+    return ""
 
 
 def _probe(address: str, timeout: float = 3.0) -> None:

@@ -17,6 +17,8 @@ the rest.
   start of step 13 (so after the evaluation and checkpoint of step 12 were reported)
   of a matching run, write ``marker`` (the Ray node id and pid) and wait until
   ``release`` exists; a run that reaches the step after the release goes straight on.
+  With ``"at": "save"`` the hold is inside the checkpoint save of ``step`` instead:
+  that step's evaluation is logged, its checkpoint neither written nor reported.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def wrap_step(step, spec: dict):
 
     nonfinite = spec.get("nonfinite")
     hold = spec.get("hold")
+    if hold and hold.get("at", "step") != "step":
+        hold = None
 
     def faulty_step(self):
         upcoming = self.step_count + 1
@@ -72,19 +76,38 @@ def wrap_step(step, spec: dict):
             with torch.no_grad():
                 next(self.student.parameters()).fill_(float("nan"))
         if hold and upcoming == hold["step"] and _matches(self.cfg, hold.get("when", {})):
-            release = Path(hold["release"])
-            if not release.exists():
-                marker = Path(hold["marker"])
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                tmp = marker.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"node_id": _node_id(), "pid": os.getpid()}))
-                os.replace(tmp, marker)
-                while not release.exists():
-                    time.sleep(0.05)
+            _hold(hold)
         return step(self)
 
     faulty_step.__wrapped__ = step
     return faulty_step
+
+
+def _hold(hold: dict) -> None:
+    """Write the marker and wait for the release file (unless it exists already)."""
+    release = Path(hold["release"])
+    if release.exists():
+        return
+    marker = Path(hold["marker"])
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"node_id": _node_id(), "pid": os.getpid()}))
+    os.replace(tmp, marker)
+    while not release.exists():
+        time.sleep(0.05)
+
+
+def wrap_save_checkpoint(save, spec: dict):
+    """``RunDir.save_checkpoint`` held at step ``hold.step`` when ``hold.at == "save"``."""
+    hold = spec.get("hold") or {}
+
+    def holding_save(self, state: dict) -> None:
+        if hold.get("at") == "save" and state.get("step") == hold["step"]:
+            _hold(hold)
+        return save(self, state)
+
+    holding_save.__wrapped__ = save
+    return holding_save
 
 
 def install(spec: dict) -> None:

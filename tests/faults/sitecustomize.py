@@ -1,5 +1,6 @@
 """Installs the test faults of ``$CDFKD_TEST_FAULTS`` in every Python process started with
-this folder on PYTHONPATH (the tests' Ray workers), once ``cdfkd.methods.base`` is imported.
+this folder on PYTHONPATH (the tests' Ray workers), once ``cdfkd.methods.base`` and
+``cdfkd.runs`` are imported.
 
 Python imports ``sitecustomize`` at start-up; nothing here imports torch or cdfkd
 itself, so Ray's own helper processes stay as they are.
@@ -11,7 +12,11 @@ import json
 import os
 import sys
 
-_TARGET = "cdfkd.methods.base"
+#: module -> how to patch it once it has been executed
+_TARGETS = {
+    "cdfkd.methods.base": ("DistillMethod", "step", "wrap_step"),
+    "cdfkd.runs": ("RunDir", "save_checkpoint", "wrap_save_checkpoint"),
+}
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
@@ -19,12 +24,13 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
         self.spec = spec
 
     def find_spec(self, name, path, target=None):
-        if name != _TARGET:
+        if name not in _TARGETS:
             return None
         found = importlib.machinery.PathFinder.find_spec(name, path)
         if found is None or found.loader is None:
             return found
         loader, spec = found.loader, self.spec
+        cls_name, attr, wrapper = _TARGETS[name]
 
         class _Loader(importlib.abc.Loader):
             def create_module(self, s):
@@ -32,9 +38,10 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
             def exec_module(self, module):
                 loader.exec_module(module)
-                from cdfkd_faults import wrap_step
+                import cdfkd_faults
 
-                module.DistillMethod.step = wrap_step(module.DistillMethod.step, spec)
+                cls = getattr(module, cls_name)
+                setattr(cls, attr, getattr(cdfkd_faults, wrapper)(getattr(cls, attr), spec))
 
         found.loader = _Loader()
         return found
