@@ -117,6 +117,29 @@ def agreement_proxy(
     return (agree[present] / count[present]).mean().item()
 
 
+@torch.no_grad()
+def within_class_diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean pairwise distance between L2-normalised ``features`` (B, D) of the same label,
+    averaged over the labels with at least two samples; in [0, 2].
+
+    0 means every class is one point (a collapsed conditional generator); features of
+    real images of one class are far from 0. Computed on the teachers' embeddings of
+    generated images, it measures what the student learns from, not pixel noise.
+    """
+    f = torch.nn.functional.normalize(features.flatten(1).float(), dim=1)
+    per_class = []
+    for c in labels.unique():
+        members = f[labels == c]
+        n = len(members)
+        if n < 2:
+            continue
+        d = torch.cdist(members, members, compute_mode="donot_use_mm_for_euclid_dist")
+        per_class.append(d.sum() / (n * (n - 1)))
+    if not per_class:
+        raise ValueError("within_class_diversity needs a label with at least two samples")
+    return torch.stack(per_class).mean().item()
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman rank correlation (``scipy.stats.spearmanr``, average ranks for ties); nan for
     fewer than 3 pairs or a constant sequence."""

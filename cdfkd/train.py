@@ -359,6 +359,7 @@ def finish(s: Session) -> dict:
         "relative_accuracy": final["relative_accuracy"],
         "reference": {k: ref[k] for k in ("kind", "accuracy", "name")},
         "proxy": final["proxy"],
+        "sample_diversity": method.sample_diversity(),
         "student_params": count_params(method.student),
         "student_macs": count_macs(method.student, (1, info.channels, info.image_size, info.image_size)),
         "steps": method.step_count,
@@ -379,7 +380,11 @@ def finish(s: Session) -> dict:
         )
     out.write_result(result)
     agg = result.get("aggregation") or {}
-    sizes = {k: result[k] for k in ("student_params", "student_macs", "wall_seconds")}
+    sizes = {
+        k: result[k]
+        for k in ("student_params", "student_macs", "wall_seconds", "sample_diversity")
+        if result[k] is not None
+    }
     agg_metrics = {
         f"aggregation/{k}": agg[k]
         for k in ("averaging_accuracy", "aggregated_accuracy")

@@ -171,3 +171,57 @@ def test_cgdd_config_refuses_negative_student_weights_and_silent_students():
             _cfg("cgdd", 1, **{field: -1.0})
     with pytest.raises(ConfigError, match="student would learn nothing"):
         _cfg("cgdd", 1, alpha=0, beta=0, gamma=0)
+
+
+# ----------------------------------------------------------------------------- mode collapse
+
+
+def test_within_class_diversity_is_zero_for_a_collapsed_class_and_high_for_real_images(digits):
+    from cdfkd.metrics import within_class_diversity
+
+    train, _, _ = digits
+    x = torch.stack([train[i][0] for i in range(400)])
+    y = torch.tensor([train[i][1] for i in range(400)])
+    real = within_class_diversity(x, y)
+    collapsed = within_class_diversity(x[y.argsort()][:1].repeat(400, 1, 1, 1), y.sort().values)
+    assert collapsed == pytest.approx(0.0, abs=1e-5) and real > 0.4
+
+
+def test_collapsed_generator_scores_zero_sample_diversity_and_cgdd_stays_diverse(
+    trained_cgdd, teachers, digits
+):
+    # A generator that ignores z draws one image per class: sample_diversity says so.
+    collapsed = _method("cgdd", teachers, digits, 1)
+    with torch.no_grad():
+        first = collapsed.generator.body.project  # the layer reading concat(z, label code)
+        first.weight[:, : collapsed.cfg.generator.nz] = 0.0
+    assert collapsed.sample_diversity() == pytest.approx(0.0, abs=1e-5)
+    method, _ = trained_cgdd
+    assert method.sample_diversity() > 0.05
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"balanced_labels": True},
+        {"w_div": 1.0},
+        {"reinit_every": 2},
+        {"balanced_labels": True, "w_div": 0.5, "reinit_every": 3},
+    ],
+)
+def test_anti_collapse_options_train_and_resume_exactly(options, teachers, digits, roundtrip):
+    method = _method("cgdd", teachers, digits, 8, **options)
+    for _ in range(4):
+        losses = method.step()
+    assert ("diversity" in losses) == (options.get("w_div", 0) > 0)
+    if options.get("balanced_labels"):
+        _, y = method.sample_latent(40)
+        assert sorted(torch.bincount(y, minlength=10).tolist()) == [4] * 10
+    sd = roundtrip(method.state_dict())
+    straight = [method.step() for _ in range(4)]
+    again = _method("cgdd", teachers, digits, 8, **options)
+    again.load_state_dict(sd)
+    resumed = [again.step() for _ in range(4)]
+    for a, b in zip(straight, resumed, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

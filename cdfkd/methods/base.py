@@ -56,6 +56,7 @@ LOSS_NAMES: dict[str, str] = {
     "activation": "DAFL's activation loss (negative L1 of teacher features)",
     "bn": "the teachers' BatchNorm-statistics prior",
     "total_variation": "total variation of the generated images",
+    "diversity": "mode-seeking term: inverse image distance per latent distance, same labels",
 }
 
 
@@ -322,9 +323,14 @@ class DistillMethod(abc.ABC):
             raise RuntimeError(f"method {self.name} trains no generator")
         return self.generator
 
+    #: preset labels: each class equally often in every batch (True) or i.i.d. uniform
+    balanced_labels: bool = False
+
     def sample_latent(self, batch_size: int, rng: torch.Generator | None = None):
         """Draw z (and class labels y for conditional generators) from the method's own stream."""
-        return self.gen.sample(batch_size, self.device, rng or self.rng, balanced=False)
+        return self.gen.sample(
+            batch_size, self.device, rng or self.rng, balanced=self.balanced_labels
+        )
 
     def generate(self, batch_size: int, rng: torch.Generator | None = None):
         """Generated images (with grad to the generator) and their preset labels (or None)."""
@@ -451,6 +457,28 @@ class DistillMethod(abc.ABC):
             return self.generator(z), 8
         finally:
             self.generator.train(was_training)
+
+    @torch.no_grad()
+    def sample_diversity(self, per_class: int = 32) -> float | None:
+        """How varied a conditional generator's images are within each preset class:
+        :func:`cdfkd.metrics.within_class_diversity` of the teachers' embeddings (all
+        teachers', concatenated) of ``per_class`` images per class drawn from a fixed
+        seed in eval mode. 0: one image per class (mode collapse). None without a
+        conditional generator."""
+        from cdfkd.metrics import within_class_diversity
+
+        if self.generator is None or not self.generator.conditional:
+            return None
+        rng = torch.Generator().manual_seed(self.cfg.train.seed + 11)
+        y = torch.arange(self.info.num_classes).repeat_interleave(per_class).to(self.device)
+        z = torch.randn(len(y), self.cfg.generator.nz, generator=rng).to(self.device)
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            out = self.teachers(self.generator(z, y), return_features=True)
+        finally:
+            self.generator.train(was_training)
+        return within_class_diversity(torch.cat(list(out.embedding), dim=1), y)
 
     # -- exact resume ---------------------------------------------------------
     def state_dict(self) -> dict:

@@ -97,6 +97,27 @@ class CGDDConfig(MethodConfig):
     at_stages: list[tuple[int, int]] | None = Field(
         None, description="[[student_stage, teacher_stage], ...]; None: last k stages of both"
     )
+    # Against mode collapse of G(z, y) (each off at 0/False; defaults from the ablation in
+    # BENCHMARKS.md, "CGDD without mode collapse").
+    balanced_labels: bool = Field(
+        False,
+        description="preset labels: every class equally often in each batch (arange(B) % C, "
+        "shuffled) instead of i.i.d. uniform draws",
+    )
+    w_div: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="generator: mode-seeking term (Mao et al., MSGAN, CVPR 2019): 1 / (image "
+        "distance / latent distance) for pairs with the same preset label",
+    )
+    reinit_every: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="re-draw G's label embedding (and its optimiser state) every k rounds, "
+        "after NAYER's re-initialised noisy layer (Do et al., CVPR 2024); 0: never",
+    )
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> CGDDConfig:
@@ -127,6 +148,7 @@ class CGDD(DistillMethod):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         m = self.mcfg
+        self.balanced_labels = m.balanced_labels
         self.at_pairs: list[tuple[int, int]] = []
         if m.gamma > 0 or m.at_stages is not None:
             shapes = probe_stage_shapes(
@@ -145,6 +167,30 @@ class CGDD(DistillMethod):
     def pool_features(self) -> bool:
         return self.mcfg.gamma > 0 and bool(self.at_pairs)
 
+    def _generate_pairs(self, batch_size: int):
+        """A batch whose two halves share their preset labels, and the mode-seeking term
+        ``1 / (mean |x_a - x_b| / mean |z_a - z_b| + eps)`` over those pairs (MSGAN)."""
+        half = batch_size // 2
+        z, y = self.sample_latent(batch_size)
+        y = torch.cat([y[:half], y[:half], y[2 * half :]])  # an odd last image stays unpaired
+        x = self.gen(z, y)
+        ratio = (x[:half] - x[half : 2 * half]).abs().mean() / (
+            (z[:half] - z[half : 2 * half]).abs().mean() + 1e-8
+        )
+        return x, y, 1.0 / (ratio + 1e-5)
+
+    def _reinit_label_embedding(self) -> None:
+        """Re-draw the label embedding (from the global stream, saved in checkpoints) and
+        forget its Adam moments, so G meets new label codes and cannot settle on one
+        image per code."""
+        embed = getattr(self.gen, "embed", None)
+        if embed is None:
+            return
+        embed.reset_parameters()
+        assert self.opt_g is not None
+        for p in embed.parameters():
+            self.opt_g.state.pop(p, None)
+
     def pool_stages(self) -> set[int]:
         return {t for _, t in self.at_pairs}  # the teacher maps attention transfer reads
 
@@ -153,7 +199,12 @@ class CGDD(DistillMethod):
         """One G update; returns ``generator`` (L_G) and its terms ``preset_ce``,
         ``information_entropy``, ``bn`` (if w_bn > 0), ``adversarial`` (D, if w_adv > 0)."""
         m = self.mcfg
-        x, y = self.generate(self.cfg.train.batch_size)
+        if m.reinit_every and self.step_count % m.reinit_every == 0 and self.step_count > 0:
+            self._reinit_label_embedding()
+        if m.w_div > 0:
+            x, y, div = self._generate_pairs(self.cfg.train.batch_size)
+        else:
+            (x, y), div = self.generate(self.cfg.train.batch_size), None
         t_out, bn = self.bn_prior(x, features=self.pooling and self.pool_features)
         self.keep(x, y, t_out)
         t = t_out.logits if isinstance(t_out, FeatureOutput) else t_out
@@ -164,6 +215,9 @@ class CGDD(DistillMethod):
         loss_g = m.w_ce * losses["preset_ce"] + m.w_ie * losses["information_entropy"]
         if bn is not None:
             loss_g = loss_g + m.w_bn * bn
+        if div is not None:
+            losses["diversity"] = div
+            loss_g = loss_g + m.w_div * div
         if m.w_adv > 0:
             # The student stays in train mode (as in DFAD/CDFKD-MFS): its BN tracks these images.
             s_bar = self.student_logits(x).mean(0)
