@@ -71,12 +71,21 @@ class TeacherConfig(_Strict):
 
 
 class StudentConfig(_Strict):
-    arch: str = Field("lenet5_half", description="backbone (cdfkd.models.list_models())")
+    arch: str = Field(
+        "lenet5_half",
+        description="backbone: a zoo model (cdfkd.models.list_models()), torchvision:<name> "
+        "(cdfkd.models.list_torchvision_models()) or package.module:function (needs --trust)",
+    )
     family: Literal["mfs", "branch"] | None = Field(None, description="None: single-header student")
     headers: int = Field(1, ge=1, le=64)
     fuse_from: int | None = Field(None, description="mfs: first trunk stage the headers read")
     share_until: int | None = Field(None, description="branch: stages [0, share_until) are shared")
     header_width: float = Field(1.0, gt=0.0, le=4.0)
+    stages: list[str] | None = Field(
+        None,
+        description="torchvision/user backbones: the modules whose outputs are the stage maps "
+        "(dotted names); None: the automatic rule (cdfkd.models.tracing)",
+    )
 
     def build(self, num_classes: int, in_channels: int, image_size: int):
         """The student this config describes (cdfkd.models.create_student)."""
@@ -90,6 +99,7 @@ class StudentConfig(_Strict):
             fuse_from=self.fuse_from,
             share_until=self.share_until,
             header_width=self.header_width,
+            stages=self.stages,
         )
 
     @model_validator(mode="after")
@@ -139,7 +149,9 @@ class TrainConfig(_Strict):
         "on CUDA devices that support it, fp32 elsewhere",
     )
     channels_last: bool | None = Field(
-        None, description="models and images in channels_last memory format; None: on CUDA"
+        None,
+        description="models in channels_last memory format; None: all on CUDA, generator and "
+        "student on CPU (faster there, BENCHMARKS.md)",
     )
     compile: bool = Field(False, description="torch.compile the teachers and the student")
 
