@@ -1,4 +1,5 @@
-"""Accuracy, relative accuracy, the data-free proxy and rank correlation."""
+"""Accuracy, relative accuracy, the data-free proxy, the selection scores, confidence
+intervals and rank correlation."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ RESULT_METRICS = (
     "relative_accuracy",
     "student_accuracy",
     "proxy",
+    "selection_score",
     "student_params",
     "student_macs",
     "wall_seconds",
@@ -117,6 +119,87 @@ def agreement_proxy(
     return (agree[present] / count[present]).mean().item()
 
 
+#: every candidate selection score of :func:`selection_scores` (each in [0, 1], higher is
+#: better); ``cdfkd.selection.SELECTION_SCORE`` names the one reported as ``selection_score``
+SELECTION_CANDIDATES = (
+    "agreement",
+    "soft_agreement",
+    "kl_similarity",
+    "confidence_weighted",
+    "worst_class_agreement",
+    "target_accuracy",
+)
+
+
+@torch.no_grad()
+def selection_scores(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor
+) -> dict[str, float]:
+    """How closely a student follows the teachers on a labelled synthetic set.
+
+    ``student_logits`` (B, C): the student's prediction (mean over headers);
+    ``teacher_logits`` (N, B, C): each teacher's; ``targets`` (B,): the classes the
+    images were synthesised for. With p_s, p_t the softmax of the student's and of the
+    teachers' mean logits (the ensemble the reference accuracy measures), and a_b = 1
+    when argmax p_s = argmax p_t:
+
+    - ``agreement``: mean_b a_b
+    - ``soft_agreement``: mean_b sum_c min(p_s, p_t) = 1 - total variation distance
+    - ``kl_similarity``: exp(-mean_b KL(p_t || p_s))
+    - ``confidence_weighted``: sum_b max(p_t) a_b / sum_b max(p_t)
+    - ``worst_class_agreement``: min over target classes of mean a_b within the class
+    - ``target_accuracy``: mean_b [argmax p_s = target_b]
+
+    Returns ``{name: value}`` for every name of :data:`SELECTION_CANDIDATES`, in [0, 1].
+    """
+    if student_logits.dim() != 2 or teacher_logits.dim() != 3:
+        raise ValueError(
+            f"selection_scores takes student (B, C) and teacher (N, B, C) logits, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    s = student_logits.float().log_softmax(-1)
+    t = teacher_logits.float().mean(0).log_softmax(-1)
+    if s.shape != t.shape or len(targets) != len(s) or len(s) == 0:
+        raise ValueError("selection_scores: student, teachers and targets disagree in size")
+    ps, pt = s.exp(), t.exp()
+    agree = (ps.argmax(-1) == pt.argmax(-1)).float()
+    conf = pt.max(-1).values
+    kl = (pt * (t - s)).sum(-1).clamp_min(0).mean()
+    targets = targets.to(agree.device)
+    per_class = [agree[targets == c].mean() for c in targets.unique()]
+    return {
+        "agreement": agree.mean().item(),
+        "soft_agreement": torch.minimum(ps, pt).sum(-1).mean().item(),
+        "kl_similarity": torch.exp(-kl).item(),
+        "confidence_weighted": ((conf * agree).sum() / conf.sum()).item(),
+        "worst_class_agreement": torch.stack(per_class).min().item(),
+        "target_accuracy": (ps.argmax(-1) == targets).float().mean().item(),
+    }
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n`` (Wilson 1927).
+
+    Unlike the normal approximation it stays inside [0, 1] and keeps its coverage for
+    small ``n`` and proportions near 0 or 1 (Brown, Cai & DasGupta 2001), which is where
+    few-shot accuracies of good students are.
+    """
+    from scipy.stats import norm
+
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(
+            f"wilson_interval needs 0 <= successes <= n and n > 0, got {successes}/{n}"
+        )
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 @torch.no_grad()
 def within_class_diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean pairwise distance between L2-normalised ``features`` (B, D) of the same label,
@@ -150,6 +233,22 @@ def spearman(a: list[float], b: list[float]) -> float:
     if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
         return float("nan")
     return float(spearmanr(a, b).statistic)
+
+
+def pick_regret(scores: Sequence[float], truth: Sequence[float]) -> float:
+    """How much ``truth`` the pick by ``scores`` loses: max(truth) - truth[argmax(scores)].
+
+    0 when the best-scoring run is the truly best one; ties in the score are resolved to
+    the worst of the tied runs (a pessimistic pick). NaN scores are never picked.
+    """
+    if len(scores) != len(truth) or not scores:
+        raise ValueError("pick_regret needs two non-empty sequences of equal length")
+    valid = [i for i, v in enumerate(scores) if not math.isnan(v)]
+    if not valid:
+        return float("nan")
+    top = max(scores[i] for i in valid)
+    picked = min(truth[i] for i in valid if scores[i] == top)
+    return max(truth) - picked
 
 
 def pareto_front(points: Sequence[Sequence[float]], maximize: Sequence[bool]) -> list[bool]:

@@ -9,6 +9,7 @@ One owner for the folder's format; nobody else spells these file names::
     samples.png      a grid of generated images
     metrics.jsonl    every evaluation, one JSON object a line
     aggregator.pt    the learned header aggregation (``--few-shot``)
+    export/          the student for deployment (``cdfkd export``; its files: ``cdfkd.export``)
 
 The MLflow outbox files in the same folder belong to ``cdfkd.tracking``. Every write
 is atomic (``cdfkd.files``), so a crash, a full disk or a lost node leaves the
@@ -31,6 +32,7 @@ from cdfkd.config import ExperimentConfig, build_config
 from cdfkd.data import DatasetInfo
 from cdfkd.errors import ConfigError, StorageError
 from cdfkd.files import read_json, torch_save_atomic, write_json_atomic, write_text_atomic
+from cdfkd.generators import LatentGenerator
 
 CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint.pt"
@@ -39,6 +41,7 @@ RESULT = "result.json"
 SAMPLES = "samples.png"
 METRICS = "metrics.jsonl"
 AGGREGATOR = "aggregator.pt"
+EXPORT = "export"
 
 #: free space a run folder needs before training starts (checkpoints of small students
 #: are a few MB; this leaves room for them, the student, samples and the outbox)
@@ -167,6 +170,42 @@ class RunDir:
                 f"({str(err).splitlines()[0]}): the folder mixes two runs"
             ) from None
         return student.to(device).eval(), info
+
+    def load_generator(self, device: torch.device | str = "cpu") -> LatentGenerator | None:
+        """The run's generator as of its last checkpoint (eval mode, on ``device``); None for a
+        method without one (``kd_real``).
+
+        Rebuilt from ``config.yaml`` (its method's ``generator_kind``, ``generator.nz`` and
+        ``.width``), the teachers' input info and ``checkpoint.pt``'s ``generator`` state.
+        """
+        from cdfkd.generators import create_generator
+        from cdfkd.methods import METHODS
+        from cdfkd.teachers import read_manifest
+
+        cfg = self.read_config()
+        kind = METHODS.get(cfg.method.name).generator_kind
+        if kind is None:
+            return None
+        if not self.has_checkpoint:
+            raise ConfigError(f"{self.path} has no {CHECKPOINT}: its generator cannot be rebuilt")
+        info = read_manifest(cfg.teachers.path).info()
+        generator = create_generator(kind, info, nz=cfg.generator.nz, width=cfg.generator.width)
+        state = self.load_checkpoint().get("generator")
+        if state is None:
+            raise ConfigError(f"{self.path / CHECKPOINT} holds no generator state")
+        try:
+            generator.load_state_dict(state)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"{self.path / CHECKPOINT}'s generator does not fit the one {self.path / CONFIG} "
+                f"describes ({str(err).splitlines()[0]}): the folder mixes two runs"
+            ) from None
+        return generator.to(device).eval()
+
+    @property
+    def export_dir(self) -> Path:
+        """Where ``cdfkd export`` writes the deployable student."""
+        return self.path / EXPORT
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -28,7 +28,9 @@ from cdfkd.methods import DistillMethod, create_method
 from cdfkd.metrics import agreement_proxy, evaluate_headers, reference_accuracy, relative_accuracy
 from cdfkd.models import count_macs, count_params
 from cdfkd.runs import CHECKPOINT, CONFIG, RESULT, SAMPLES, RunDir, load_checkpoint
-from cdfkd.teachers import TeacherEnsemble, load_ensemble, read_manifest
+from cdfkd.selection import SELECTION_SCORE, few_shot_estimate, score_student
+from cdfkd.teachers import MANIFEST, TeacherEnsemble, load_ensemble, read_manifest
+from cdfkd.teachers.validation import ValidationSet, read_validation_set
 from cdfkd.tracking.protocol import MetricLogger, NullLogger, flatten
 
 __all__ = [
@@ -62,12 +64,17 @@ def run(
     teachers: TeacherEnsemble | None = None,
     on_progress: ProgressFn | None = None,
     on_eval: EvalFn | None = None,
+    validation: ValidationSet | None = None,
 ) -> dict:
     """Distil ``cfg.teachers`` into a student with ``cfg.method``; write and return result.json.
 
-    ``teachers`` may be passed in (the sweep ships one ensemble to every trial).
+    ``teachers`` and ``validation`` (the synthetic validation set ``selection_score`` is
+    computed on) may be passed in: the sweep ships them to every trial. Without
+    ``validation`` the teachers folder's set is used when it has one (hash verified).
     """
-    session = setup(cfg, out_dir, logger=logger, resume=resume, teachers=teachers)
+    session = setup(
+        cfg, out_dir, logger=logger, resume=resume, teachers=teachers, validation=validation
+    )
     train_loop(session, on_progress, on_eval)
     return finish(session)
 
@@ -89,6 +96,7 @@ class Session:
     started_at_step: int
     t_start: float = field(default_factory=time.time)
     loop_seconds: float = 0.0
+    validation: ValidationSet | None = None  # None: no selection_score (the folder has no set)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -140,9 +148,19 @@ def setup(
     logger: MetricLogger | None = None,
     resume: bool = False,
     teachers: TeacherEnsemble | None = None,
+    validation: ValidationSet | None = None,
 ) -> Session:
     """Everything before the first step; refusals come before any data is loaded."""
     preflight(cfg, teachers)
+    if validation is None and (Path(cfg.teachers.path) / MANIFEST).is_file():
+        validation = read_validation_set(cfg.teachers.path)  # an altered file is refused here
+        if validation is None:
+            log.warning(
+                "%s has no validation set: no selection_score (build it with "
+                "`cdfkd teachers validation-set %s`)",
+                cfg.teachers.path,
+                cfg.teachers.path,
+            )
     run_dir = RunDir(out_dir)
     run_dir.prepare(resume)
     device = resolve_device(cfg.train.device)
@@ -174,7 +192,7 @@ def setup(
     )
     return Session(
         cfg, run_dir, device, info, teachers, method, train_ds, test_loader, reference, logger,
-        started_at_step=method.step_count,
+        started_at_step=method.step_count, validation=validation,
     )  # fmt: skip
 
 
@@ -319,7 +337,11 @@ def nonfinite_error(losses: dict[str, float], step: int, run_dir: RunDir) -> Non
 
 def evaluate(s: Session, final: bool) -> dict:
     """Accuracy on the test set (capped by ``train.max_eval_samples`` unless final), relative
-    accuracy and the data-free proxy."""
+    accuracy, the data-free proxy and ``selection_score`` on the synthetic validation set
+    (when there is one; the final evaluation adds every candidate as ``selection/<name>``).
+
+    The test set only measures: nothing here chooses by it.
+    """
     method, tc = s.method, s.cfg.train
     ev = method.evaluate(s.test_loader, None if final else tc.max_eval_samples)
     proxy = agreement_proxy(
@@ -328,10 +350,17 @@ def evaluate(s: Session, final: bool) -> dict:
         method.proxy_batches(4, min(tc.batch_size, 256)),
         s.info.num_classes,
     )
+    selection = {}
+    if s.validation is not None:
+        scores = score_student(method.predict, s.validation, s.device)
+        selection["selection_score"] = scores[SELECTION_SCORE]
+        if final:
+            selection |= {f"selection/{k}": v for k, v in scores.items()}
     return {
         "student_accuracy": ev["accuracy"],
         "relative_accuracy": relative_accuracy(ev["accuracy"], s.reference["accuracy"]),
         "proxy": proxy,
+        **selection,
         **{f"header_{i}_accuracy": a for i, a in enumerate(ev["header_accuracy"])},
     }
 
@@ -359,6 +388,8 @@ def finish(s: Session) -> dict:
         "relative_accuracy": final["relative_accuracy"],
         "reference": {k: ref[k] for k in ("kind", "accuracy", "name")},
         "proxy": final["proxy"],
+        "selection_score": final.get("selection_score"),
+        "selection": selection_record(s, final),
         "sample_diversity": method.sample_diversity(),
         "student_params": count_params(method.student),
         "student_macs": count_macs(method.student, (1, info.channels, info.image_size, info.image_size)),
@@ -378,6 +409,14 @@ def finish(s: Session) -> dict:
         result["aggregation"] = run_aggregation(
             method, plain_train, s.test_loader, cfg.aggregation, s.device, out.path
         )
+        # The student never saw these samples (data-free): an honest accuracy estimate.
+        result["few_shot_estimate"] = few_shot_estimate(
+            method.predict,
+            plain_train,
+            cfg.aggregation.few_shot,
+            seed=cfg.aggregation.seed,
+            device=s.device,
+        )
     out.write_result(result)
     agg = result.get("aggregation") or {}
     sizes = {
@@ -390,12 +429,34 @@ def finish(s: Session) -> dict:
         for k in ("averaging_accuracy", "aggregated_accuracy")
         if k in agg
     }
+    few = result.get("few_shot_estimate")
+    if few is not None:
+        agg_metrics |= {
+            "few_shot_accuracy": few["accuracy"],
+            "few_shot_accuracy_low": few["low"],
+            "few_shot_accuracy_high": few["high"],
+        }
     s.logger.log_metrics({**final, **sizes, **agg_metrics}, method.step_count)
     for artifact in (out / CONFIG, out / RESULT, grid):
         if artifact is not None and artifact.exists():
             s.logger.log_artifact(artifact)
     s.logger.log_model(method.student, next(iter(s.test_loader))[0])
     return result
+
+
+def selection_record(s: Session, final: dict) -> dict | None:
+    """result.json's ``selection``: which score is ``selection_score``, every candidate's
+    value and the validation set they were computed on (None without a set)."""
+    if s.validation is None:
+        return None
+    entry = s.validation.entry
+    return {
+        "score": SELECTION_SCORE,
+        "candidates": {
+            k.removeprefix("selection/"): v for k, v in final.items() if k.startswith("selection/")
+        },
+        "validation_set": {k: entry.get(k) for k in ("sha256", "images", "per_class")},
+    }
 
 
 def save_sample_grid(method: DistillMethod, info: DatasetInfo, path: Path) -> Path | None:

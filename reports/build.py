@@ -131,6 +131,25 @@ def build_report(
         f" over {n_proxy} runs: how well the data-free proxy would have ranked them.",
         "no finished run logged the proxy metric",
     )
+    sel_path, sel_rho, regret, picked = plots.selection_plot(
+        done, out / "plots/selection.png", color_by
+    )
+    n_sel = int(
+        (column(done, "selection_score").notna() & column(done, "relative_accuracy").notna()).sum()
+    )
+    figure(
+        "Selection score vs true relative accuracy",
+        "plots/selection.png",
+        sel_path,
+        f"Spearman rank correlation "
+        f"{'n/a (< 3 runs)' if math.isnan(sel_rho) else f'{sel_rho:.3f}'} over {n_sel} runs; "
+        f"the run with the highest selection_score ({picked}, circled) is "
+        f"{pct(regret)} points of relative accuracy below the truly best one (the regret of "
+        "choosing without labels). The score needs no labelled data; the test-set accuracy "
+        "is shown to evaluate it, never to choose." + _few_shot_caption(done),
+        "no finished run logged selection_score (teachers without a validation set: "
+        "`cdfkd teachers validation-set DIR`)",
+    )
     if not importances.empty:
         figure(
             "Parameter importances",
@@ -183,6 +202,21 @@ def build_report(
         "report of %s written to %s (%d files)", ", ".join(runs.experiments), out, len(written)
     )
     return dict(sorted(written.items()))
+
+
+def _few_shot_caption(done: pd.DataFrame) -> str:
+    """How the few-shot accuracy estimate (M labelled samples per class) ranks, if logged."""
+    from cdfkd.metrics import spearman
+
+    few, rel = column(done, "few_shot_accuracy"), column(done, "relative_accuracy")
+    ok = few.notna() & rel.notna()
+    if ok.sum() < 3:
+        return ""
+    rho = spearman(few[ok].tolist(), rel[ok].tolist())
+    return (
+        f" With a few real labelled samples (few_shot_accuracy, {int(ok.sum())} runs) the "
+        f"Spearman correlation is {rho:.3f}."
+    )
 
 
 def _front_caption(done: pd.DataFrame) -> str:

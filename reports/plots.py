@@ -224,6 +224,52 @@ def proxy_plot(runs: pd.DataFrame, path: Path, color_by: str) -> tuple[Path | No
     return _save(fig, path), rho
 
 
+def selection_plot(
+    runs: pd.DataFrame, path: Path, color_by: str
+) -> tuple[Path | None, float, float, str | None]:
+    """``selection_score`` (data-free) against true relative accuracy, the pick circled.
+
+    Returns (path, Spearman rho, regret of the pick in relative accuracy, picked run id):
+    regret = best relative accuracy - that of the run with the highest selection_score.
+    """
+    from cdfkd.metrics import pick_regret, spearman
+
+    score, rel = column(runs, "selection_score"), column(runs, "relative_accuracy")
+    ok = score.notna() & rel.notna()
+    if not ok.any():
+        return None, math.nan, math.nan, None
+    rho = spearman(score[ok].tolist(), rel[ok].tolist())
+    regret = pick_regret(score[ok].tolist(), rel[ok].tolist())
+    picked = score[ok].idxmax()
+    group = _group(runs, color_by)
+    colors = _palette(group[ok])
+    fig, (ax,) = _figure(width=6.0, height=4.6)
+    for key in colors:
+        sel = ok & (group == key)
+        ax.scatter(score[sel], rel[sel], s=28, alpha=0.75, color=colors[key], label=key)
+    ax.scatter(
+        [score[picked]], [rel[picked]], s=110, facecolors="none", edgecolors="black", linewidths=1.5
+    )
+    ax.annotate(
+        f"pick {_short(runs.loc[picked, 'run_id'])}",
+        (score[picked], rel[picked]),
+        fontsize=7,
+        xytext=(4, -10),
+        textcoords="offset points",
+    )
+    rho_text = "n/a (needs 3 runs)" if math.isnan(rho) else f"{rho:.3f}"
+    ax.set_title(
+        f"selection_score vs true relative accuracy: Spearman ρ = {rho_text}, "
+        f"regret {100 * regret:.1f} pts (n = {int(ok.sum())})",
+        fontsize=9,
+    )
+    ax.set_xlabel("selection_score (on the teachers' synthetic validation set, no labels)")
+    ax.set_ylabel("relative accuracy (test set)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title=color_by)
+    return _save(fig, path), rho, regret, str(runs.loc[picked, "run_id"])
+
+
 def importance_plot(importances: pd.DataFrame, path: Path) -> Path | None:
     """Horizontal bars of each parameter's importance, one colour per experiment."""
     if importances.empty:

@@ -10,6 +10,10 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+#: a validation set that builds in about a second (the default one takes a CPU-minute)
+TINY_VALIDATION_SET = {"per_class": 4, "iterations": 15, "batch_size": 40}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -83,6 +87,11 @@ def digits_ensemble(tmp_path_factory, digits_data):
         ensemble_accuracy=ev["accuracy"],
         dataset="digits",
     )
+    # A small synthetic validation set (selection_score), as `cdfkd teachers validation-set`
+    # would build it with a tiny budget: every run and sweep on these teachers scores on it.
+    from cdfkd.selection import ValidationSetConfig, ensure_validation_set
+
+    ensure_validation_set(out, cfg=ValidationSetConfig(**TINY_VALIDATION_SET))
     return out
 
 

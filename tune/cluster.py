@@ -3,45 +3,49 @@
 ``ray up`` finds most mistakes only after minutes of provisioning, and some never:
 a trial that asks for more than any node type offers stays PENDING forever, a
 worker without ``RAY_AUTH_MODE=token`` cannot join, a sweep folder outside the
-shared file system loses the trials' run folders. ``check_cluster`` reports them
-as findings:
+shared file system loses the trials' run folders, a Ray on the cluster that is not
+the Ray here refuses drivers. ``check_cluster`` reports them as findings:
 
 - ``error``: Ray would refuse the file, the cluster would be open to the network,
   or the sweep cannot run on it;
 - ``fill-in``: a ``<PLACEHOLDER>`` still waits for an account-specific value;
-- ``warning``: it would run, but probably not as meant.
+- ``warning``: it would run, but probably not as meant (workers that never stop, or
+  stop between trials; fewer trials at once than asked).
 
-Ray's own schema check (``prepare_config`` + ``validate_config``) is a private API
-of the pinned Ray; no cloud API is called.
+A KubeRay manifest (``kind: RayCluster`` or ``RayJob``, ``deploy/kuberay/``) is checked
+by ``kuberay.py`` instead. Ray's own schema check (``prepare_config`` +
+``validate_config``) is a private API of the pinned Ray; no cloud API is called.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import re
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
 
 import yaml
 
 from cdfkd.errors import ConfigError
+from cdfkd.tune.findings import (
+    RAY_IMAGE,
+    RAY_PIN,
+    Finding,
+    NodeType,
+    installed_ray,
+    placeholders,
+    ray_version,
+    spec_fits,
+)
 
-Level = Literal["error", "fill-in", "warning"]
-PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
+__all__ = ["Finding", "check_cluster", "shared_paths"]
 
-
-@dataclass(frozen=True)
-class Finding:
-    level: Level
-    where: str  # a dotted location in the file, or the spec's key
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.level:8} {self.where}: {self.message}"
+#: Ray's defaults for what the file leaves out
+DEFAULT_MAX_WORKERS = 2
+DEFAULT_IDLE_MINUTES = 5
+#: idle timeouts outside this range are probably not meant (minutes)
+IDLE_RANGE = (1, 60)
 
 
 def check_cluster(path: str | Path, spec_path: str | Path | None = None) -> list[Finding]:
@@ -50,24 +54,64 @@ def check_cluster(path: str | Path, spec_path: str | Path | None = None) -> list
     if not path.is_file():
         raise ConfigError(f"cluster file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
+    if _is_kuberay(docs):
+        from cdfkd.tune.kuberay import check_kuberay
+
+        return check_kuberay(docs, None if spec_path is None else Path(spec_path))
+    if len(docs) != 1 or not isinstance(docs[0], dict):
         raise ConfigError(
-            f"{path} is not a Ray cluster file (a mapping with cluster_name, provider)"
+            f"{path} is not a Ray cluster file (a mapping with cluster_name, provider) nor a "
+            "KubeRay manifest (apiVersion: ray.io/v1)"
+        )
+    raw = docs[0]
+    if "apiVersion" in raw and "kind" in raw:
+        raise ConfigError(
+            f"{path} is a Kubernetes {raw['kind']}, not a RayCluster or RayJob: nothing to check"
         )
     findings = _schema(raw)
-    findings += [
-        Finding("fill-in", where, f"replace {value!r} with your value")
-        for where, value in _placeholders(raw)
-    ]
+    findings += placeholders(raw)
     if any(f.level == "error" for f in findings):
         return findings  # the rest would only repeat what the schema said
     findings += _security(raw)
+    findings += _autoscaling(raw)
+    findings += _ray_versions(raw)
     if spec_path is not None:
-        findings += _spec_fits(raw, Path(spec_path))
+        findings += spec_fits(node_types(raw), shared_paths(raw), Path(spec_path))
     return findings
+
+
+def _is_kuberay(docs: list) -> bool:
+    return any(
+        isinstance(d, dict) and str(d.get("apiVersion", "")).startswith("ray.io/") for d in docs
+    )
+
+
+def launch_command(path: str | Path) -> str:
+    """What starts the cluster of ``path``: ``ray up`` or ``kubectl apply``."""
+    try:
+        docs = list(yaml.safe_load_all(Path(path).read_text()))
+    except (OSError, yaml.YAMLError):
+        docs = []
+    return f"kubectl apply -f {path}" if _is_kuberay(docs) else f"ray up {path}"
+
+
+def node_types(cluster: dict) -> list[NodeType]:
+    """The file's node types as the autoscaler sees them: per-type ``max_workers`` (the
+    global one when left out) capped by the global ``max_workers``."""
+    cap = cluster.get("max_workers", DEFAULT_MAX_WORKERS)
+    head = cluster.get("head_node_type")
+    return [
+        NodeType(
+            name,
+            {k: float(v) for k, v in (t.get("resources") or {}).items()},
+            1 if name == head else min(t.get("max_workers", cap), cap),
+            head=name == head,
+        )
+        for name, t in cluster.get("available_node_types", {}).items()
+    ]
 
 
 def shared_paths(cluster: dict) -> list[str]:
@@ -99,6 +143,11 @@ def _schema(raw: dict) -> list[Finding]:
 
     # prepare_config logs its defaults at INFO; the findings say what matters.
     ray_util_log.setLevel(logging.WARNING)
+    missing = [k for k in ("cluster_name", "provider") if k not in raw]
+    if missing:
+        return [
+            Finding("error", "(top level)", f"Ray's cluster schema: {missing[0]!r} is required")
+        ]
     try:
         validate_config(prepare_config(copy.deepcopy(raw)))
     except jsonschema.ValidationError as err:
@@ -107,20 +156,6 @@ def _schema(raw: dict) -> list[Finding]:
     except (ValueError, KeyError, RuntimeError, TypeError) as err:
         return [Finding("error", "(file)", f"Ray refuses this cluster file: {err}")]
     return []
-
-
-def _placeholders(node, where: str = "") -> list[tuple[str, str]]:
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _placeholders(v, _join(where, str(k)))]
-    if isinstance(node, list):
-        return [p for i, v in enumerate(node) for p in _placeholders(v, _join(where, str(i)))]
-    if isinstance(node, str):
-        return [(where, m) for m in PLACEHOLDER.findall(node)]
-    return []
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
 
 
 def _security(raw: dict) -> list[Finding]:
@@ -188,74 +223,108 @@ def _security(raw: dict) -> list[Finding]:
     return out
 
 
-def _spec_fits(raw: dict, spec_path: Path) -> list[Finding]:
-    from cdfkd.tune.spec import load_spec
-
-    spec, base = load_spec(spec_path)
+def _autoscaling(raw: dict) -> list[Finding]:
+    """What decides the bill: how long idle workers live, how many may run, and which
+    never stop."""
     out = []
-    shared = shared_paths(raw)
-
-    def on_shared(p: str) -> bool:
-        return any(Path(p).is_relative_to(s) for s in shared)
-
-    # load_spec made relative paths absolute against this machine's working directory,
-    # which says nothing about the head: read the spec's own text for that.
-    text = yaml.safe_load(spec_path.read_text()) or {}
-    for key, value, level, why in (
-        (
-            "storage_path",
-            spec.storage_path,
-            "error",
-            "trials on workers write their run folders there, and the driver reads them",
-        ),
-        ("data.root", base["data"]["root"], "warning", "every worker would download the data"),
-    ):
-        level = cast(Level, level)
-        given = text.get(key) if key == "storage_path" else text.get("overrides", {}).get(key)
-        if given is not None and not Path(str(given)).is_absolute():
-            out.append(
-                Finding(
-                    level,
-                    key,
-                    f"{given!r} is relative to the working directory on the head: give an "
-                    f"absolute path under the shared {', '.join(shared) or 'file system'} ({why})",
-                )
-            )
-        elif shared and not on_shared(value):
-            out.append(
-                Finding(level, key, f"{value} is not under the shared {', '.join(shared)}: {why}")
-            )
-    need = {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu, **spec.resources.custom}
-    need = {k: v for k, v in need.items() if v > 0}
-    fits = {}
-    cap = raw.get("max_workers", 2)  # Ray's default
-    for name, node in raw.get("available_node_types", {}).items():
-        have = node.get("resources") or {}
-        per_node = min((math.floor(have.get(k, 0) / v + 1e-9) for k, v in need.items()), default=0)
-        if per_node > 0:
-            nodes = (
-                1 if name == raw.get("head_node_type") else min(node.get("max_workers", cap), cap)
-            )
-            fits[name] = per_node * nodes
-    if not fits:
-        offered = {
-            name: node.get("resources") for name, node in raw["available_node_types"].items()
-        }
-        out.append(
-            Finding(
-                "error",
-                "resources",
-                f"a trial needs {need} but no node type offers that ({offered}): its trials "
-                "would wait PENDING forever; lower resources or add a node type",
-            )
-        )
-    elif sum(fits.values()) < spec.max_concurrent_trials:
+    idle = raw.get("idle_timeout_minutes")
+    if idle is None:
         out.append(
             Finding(
                 "warning",
-                "max_concurrent_trials",
-                f"{spec.max_concurrent_trials} asked, but at most {sum(fits.values())} trials "
-                f"fit the cluster at once ({fits})",
+                "idle_timeout_minutes",
+                f"not set: Ray's default ({DEFAULT_IDLE_MINUTES} min) decides how long idle GPU "
+                "workers keep running; set it",
+            )
+        )
+    elif idle < IDLE_RANGE[0]:
+        out.append(
+            Finding(
+                "warning",
+                "idle_timeout_minutes",
+                f"{idle} min: workers stop in the gap between two trials, so the next trial "
+                f"waits minutes for a new machine; use at least {IDLE_RANGE[0]} min",
+            )
+        )
+    elif idle > IDLE_RANGE[1]:
+        out.append(
+            Finding(
+                "warning",
+                "idle_timeout_minutes",
+                f"{idle} min: every GPU worker keeps running (and billing) that long after the "
+                "sweep's last trial",
+            )
+        )
+    cap = raw.get("max_workers")
+    if cap is None:
+        out.append(
+            Finding(
+                "warning",
+                "max_workers",
+                f"not set: Ray's default allows {DEFAULT_MAX_WORKERS} workers in all; set it",
+            )
+        )
+    for node in node_types(raw):
+        t = raw["available_node_types"][node.name]
+        where = f"available_node_types.{node.name}"
+        if not node.head and cap is not None and t.get("max_workers", 0) > cap:
+            out.append(
+                Finding(
+                    "warning",
+                    f"{where}.max_workers",
+                    f"{t['max_workers']}, but the cluster's max_workers ({cap}) caps it",
+                )
+            )
+        if not node.head and t.get("min_workers", 0) > 0 and node.resources.get("GPU"):
+            out.append(
+                Finding(
+                    "warning",
+                    f"{where}.min_workers",
+                    f"{t['min_workers']} GPU workers run (and bill) even when no trial needs "
+                    "them; 0 lets the autoscaler start them for waiting trials",
+                )
+            )
+    head = " ".join(str(c) for c in raw.get("head_start_ray_commands") or [])
+    if re.search(r"--include-dashboard[= ](false|False|0)", head):
+        out.append(
+            Finding(
+                "error",
+                "head_start_ray_commands",
+                "--include-dashboard=false: `ray job submit` and `ray job logs` need the "
+                "dashboard's job server",
+            )
+        )
+    return out
+
+
+def _ray_versions(raw: dict) -> list[Finding]:
+    """The Ray of the images and of the setup commands' pip pins, against the Ray here."""
+    out: list[Finding] = []
+    docker = raw.get("docker") or {}
+    images = {
+        f"docker.{k}": docker[k] for k in ("image", "head_image", "worker_image") if docker.get(k)
+    }
+    for name, t in (raw.get("available_node_types") or {}).items():
+        for k, v in (t.get("docker") or {}).items():
+            if k.endswith("image") and v:
+                images[f"available_node_types.{name}.docker.{k}"] = v
+    for where, image in images.items():
+        match = RAY_IMAGE.search(str(image))
+        if match:
+            out += ray_version(where, match.group(1))
+    pinned = False
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        for i, cmd in enumerate(raw.get(key) or []):
+            for match in RAY_PIN.finditer(str(cmd)):
+                pinned = True
+                out += ray_version(f"{key}.{i}", match.group(1))
+    if not pinned:
+        out.append(
+            Finding(
+                "warning",
+                "setup_commands",
+                "no command pins Ray: `pip install` of cdfkd (ray>=2.60) may upgrade the "
+                f"image's Ray; add 'ray[default]=={installed_ray()}' to the pip install",
             )
         )
     return out

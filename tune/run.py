@@ -115,6 +115,17 @@ def ensure_teachers(spec, base: dict, progress: Callable[[str], None]) -> str:
     return str(path)
 
 
+def ensure_validation(spec, base: dict, ensemble, progress: Callable[[str], None]):
+    """The teachers' synthetic validation set (``selection_score``): read from their folder
+    (hash verified), or built there first with ``spec.validation_set`` and cached for
+    later sweeps and ``cdfkd distill``. An altered set is refused with the fix."""
+    from cdfkd.selection import ensure_validation_set
+
+    return ensure_validation_set(
+        base["teachers"]["path"], ensemble, spec.validation_set, progress=progress
+    )
+
+
 def _searcher(spec, base: dict, exp_dir: Path):
     import optuna
     from optuna.storages import JournalStorage
@@ -148,19 +159,24 @@ def run_sweep(
     name: str | None = None,
     write: Callable[[str], None] | None = None,
     callbacks: list | None = None,
+    trust: list[str] | None = None,
 ) -> dict:
     """Run (or resume) a sweep; returns {"experiment_dir", "rows", "best" or "pareto"}.
 
     ``callbacks``: more ``ray.tune.Callback`` objects, beside the progress table.
+    ``trust``: modules whose model builders (``arch: package.module:function``) this
+    sweep may import, in the driver and in every trial (``cdfkd sweep --trust``).
     """
     from ray import tune
 
+    from cdfkd.models import trust_modules
     from cdfkd.teachers import ensemble_to_numpy, load_ensemble
     from cdfkd.tune.mlflow_sweep import finish_sweep, start_parent
     from cdfkd.tune.progress import ProgressTable
     from cdfkd.tune.spec import load_spec
     from cdfkd.tune.trainable import distill_trainable
 
+    trust_modules(*(trust or []))
     write = write or (lambda line: print(line, file=sys.stderr))
     spec, base = load_spec(spec_path)
     if name:
@@ -181,6 +197,7 @@ def run_sweep(
     ensure_teachers(spec, base, write)
     ensemble = load_ensemble(base["teachers"]["path"], "cpu")  # hashes verified
     check_sweep_teachers(exp_dir, base["teachers"]["path"], ensemble.manifest, resume)
+    validation = ensure_validation(spec, base, ensemble, write)
     connect_ray(address)
     parent, mlflow_ctx = start_parent(spec, base, exp_dir)
     objective = spec.objective.model_dump()
@@ -196,6 +213,8 @@ def run_sweep(
             resources=resources,
             exp_dir=str(exp_dir.resolve()),
             mlflow=mlflow_ctx,
+            validation=validation.to_numpy(),
+            trusted=list(trust or []),
         ),
         resources,
     )

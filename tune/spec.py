@@ -9,7 +9,8 @@ Example (tune/quickstart.yaml is a complete one)::
       method.alpha: {type: float, low: 0.1, high: 10, log: true, when: {method.name: cgdd}}
       student.family: {type: categorical, choices: [mfs, branch]}
       student.fuse_from: {type: int, low: 0, high: 2, when: {student.family: mfs}}
-    objective: {metric: relative_accuracy, mode: max}
+    objective: {metric: relative_accuracy, mode: max}   # selection_score: choose without labels
+    validation_set: {per_class: 50, iterations: 200}   # how it is built when missing
     num_samples: 8
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}
@@ -27,8 +28,11 @@ from cdfkd.config import apply_values, build_config
 from cdfkd.data import dataset_spec
 from cdfkd.errors import ConfigError
 from cdfkd.schema import Strict, format_errors
+from cdfkd.selection import ValidationSetConfig
 
-OBJECTIVE_METRICS = ("relative_accuracy", "student_accuracy", "proxy")
+#: ``selection_score`` needs no labelled data (the synthetic validation set); the
+#: accuracies are measured on the labelled test set
+OBJECTIVE_METRICS = ("relative_accuracy", "student_accuracy", "proxy", "selection_score")
 SECOND_METRICS = ("student_params", "student_macs")
 
 
@@ -64,7 +68,9 @@ class Param(Strict):
 
 
 class Objective(Strict):
-    metric: Literal["relative_accuracy", "student_accuracy", "proxy"] = "relative_accuracy"
+    metric: Literal["relative_accuracy", "student_accuracy", "proxy", "selection_score"] = (
+        "relative_accuracy"
+    )
     mode: Literal["max", "min"] = "max"
     second_metric: Literal["student_params", "student_macs"] | None = None
     second_mode: Literal["max", "min"] = "min"
@@ -130,6 +136,11 @@ class SweepSpec(Strict):
         description="configurations tried first (partial ones are completed by the sampler)",
     )
     objective: Objective = Objective()
+    validation_set: ValidationSetConfig = Field(
+        default_factory=ValidationSetConfig,
+        description="how the teachers' synthetic validation set (selection_score) is built "
+        "when their folder has none; an existing one is reused as it is",
+    )
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     resources: Resources = Resources()

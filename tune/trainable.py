@@ -46,8 +46,12 @@ def distill_trainable(
     resources: dict,
     exp_dir: str,
     mlflow: dict | None = None,
+    validation: dict | None = None,
+    trusted: list[str] | None = None,
 ) -> None:
-    """Tune function trainable. ``teachers`` arrives through the object store (numpy, zero-copy).
+    """Tune function trainable. ``teachers`` arrives through the object store (numpy, zero-copy),
+    and so does ``validation``, the ensemble's synthetic validation set
+    (``ValidationSet.to_numpy()``) that ``selection_score`` is computed on.
 
     The run folder is ``exp_dir/<trial folder>/run``, in the sweep's storage (shared between
     nodes on a cluster), not in Ray's per-session folders: Ray leaves a reused actor's trial
@@ -55,8 +59,16 @@ def distill_trainable(
 
     ``mlflow``: tracking URI, experiment and parent run from the driver (None: no tracking);
     the trial logs to its own child run, kept in ``run/mlflow_run.json`` across restarts.
+
+    ``trusted``: the modules the driver was told to trust (``cdfkd sweep --trust``), whose
+    model builders a user-module ``arch`` imports; trust is per process, so every trial
+    is given it again.
     """
+    from cdfkd.models import trust_modules
     from cdfkd.teachers import ensemble_from_numpy
+
+    trust_modules(*(trusted or []))
+    from cdfkd.teachers.validation import ValidationSet
 
     raw = trial_config(base, config, resources)
     cfg = build_config(raw, source="trial config")
@@ -112,7 +124,15 @@ def distill_trainable(
         log_model = cfg.tracking.log_model and bool(mlflow.get("log_trial_models"))
         ml = trial_logger(mlflow, out, ctx.get_trial_id(), ctx.get_trial_name(), log_model)
     try:
-        result = run(cfg, out, logger=ml, resume=resume, teachers=ensemble, on_eval=report)
+        result = run(
+            cfg,
+            out,
+            logger=ml,
+            resume=resume,
+            teachers=ensemble,
+            on_eval=report,
+            validation=None if validation is None else ValidationSet.from_numpy(validation),
+        )
     except NonFiniteLossError as err:
         if ml is not None:
             ml.close("FAILED")
@@ -128,7 +148,7 @@ def distill_trainable(
     if ml is not None:
         ml.close("FINISHED")
     final = {
-        **{k: result[k] for k in RESULT_METRICS},
+        **{k: result[k] for k in RESULT_METRICS if result.get(k) is not None},
         "loop_seconds": result["loop_seconds"],
         "steps_per_second": result["steps"] / max(result["loop_seconds"], 1e-9),
         "step": result["steps"],

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cdfkd.cli.common import Subparsers, command, pct
+from cdfkd.cli.common import Subparsers, add_trust, apply_trust, command, pct
 
 
 @command
@@ -38,6 +38,7 @@ def _distill(sub: Subparsers) -> None:
         help="train the header aggregation on M real labelled samples per class at the end",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trust(p)
     p.set_defaults(func=_run_distill)
 
 
@@ -49,12 +50,14 @@ def _run_distill(args: argparse.Namespace) -> int:
     from cdfkd.tracking.protocol import JsonlLogger, MultiLogger
     from cdfkd.train import preflight, run
 
+    apply_trust(args)
     overrides = list(args.overrides)
     if args.few_shot is not None:
         overrides.append(f"aggregation.few_shot={args.few_shot}")
     cfg = load_config(args.config, overrides)
     preflight(cfg)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
+    validation = _validation_set(cfg)  # an altered set is refused before the folder is made
     RunDir(out).prepare(args.resume)  # before any logger writes into the folder
     bar = tqdm(
         total=cfg.train.steps,
@@ -82,7 +85,13 @@ def _run_distill(args: argparse.Namespace) -> int:
     logger = MultiLogger(JsonlLogger(out), mlf)
     try:
         result = run(
-            cfg, out, logger=logger, resume=args.resume, on_progress=on_progress, on_eval=on_eval
+            cfg,
+            out,
+            logger=logger,
+            resume=args.resume,
+            on_progress=on_progress,
+            on_eval=on_eval,
+            validation=validation,
         )
     except KeyboardInterrupt:
         logger.close("KILLED")
@@ -102,6 +111,18 @@ def _run_distill(args: argparse.Namespace) -> int:
         print("headers: " + ", ".join(f"{pct(a)} %" for a in result["header_accuracies"]))
     if "aggregation" in result:
         _print_aggregation(result["aggregation"])
+    if "few_shot_estimate" in result:
+        f = result["few_shot_estimate"]
+        print(
+            f"accuracy on {f['samples']} real labelled samples ({f['per_class']}/class): "
+            f"{pct(f['accuracy'])} % ({pct(f['low'])}-{pct(f['high'])} %, "
+            f"{100 * f['confidence']:.0f} % Wilson interval)"
+        )
+    if result.get("selection_score") is not None:
+        print(
+            f"selection_score {result['selection_score']:.4f} "
+            f"({result['selection']['score']} on the teachers' validation set)"
+        )
     print(
         f"proxy {result['proxy']:.4f}; {result['student_params']} params, {result['student_macs']} MACs; "
         f"{result['steps']} steps in {result['wall_seconds']:.0f} s; wrote {out}/result.json"
@@ -109,6 +130,19 @@ def _run_distill(args: argparse.Namespace) -> int:
     if mlf is not None and mlf.run_id:
         print(f"MLflow run {mlf.run_id} in experiment {mlf.experiment} at {mlf.tracking_uri}")
     return 0
+
+
+def _validation_set(cfg):
+    """The teachers' synthetic validation set (selection_score), built and cached in their
+    folder first when it has none; an altered one is refused with the fix."""
+    from cdfkd.device import resolve_device
+    from cdfkd.selection import ensure_validation_set
+
+    return ensure_validation_set(
+        cfg.teachers.path,
+        device=resolve_device(cfg.train.device),
+        progress=lambda line: print(line, file=sys.stderr),
+    )
 
 
 def _mlflow_logger(cfg, out: Path):
@@ -150,6 +184,7 @@ def _aggregate(sub: Subparsers) -> None:
     )
     p.add_argument("--data-root", default=None, help="dataset root (default: the run's)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the run's)")
+    add_trust(p)
     p.set_defaults(func=_run_aggregate)
 
 
@@ -158,6 +193,7 @@ def _run_aggregate(args: argparse.Namespace) -> int:
     from cdfkd.errors import ConfigError
     from cdfkd.runs import RESULT, RunDir
 
+    apply_trust(args)
     run_dir = Path(args.run_dir)
     if not RunDir(run_dir).finished:
         raise ConfigError(

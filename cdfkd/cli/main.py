@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 # Importing a command module registers its subcommands, in this order in --help.
-from cdfkd.cli import distill, mlflow, report, sweep, teachers  # noqa: F401
+from cdfkd.cli import distill, export, mlflow, report, sweep, teachers  # noqa: F401
 from cdfkd.cli.common import COMMANDS
 
 log = logging.getLogger("cdfkd")
@@ -57,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from cdfkd.errors import USER_ERRORS
 
+    _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as err:
@@ -69,3 +72,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cdfkd: interrupted", file=sys.stderr)
         return 130
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (``ray job stop``, ``kill``, a scheduler's stop) ends a command like Ctrl-C:
+    runs and sweeps close their MLflow runs as KILLED and keep their checkpoints, so
+    ``--resume`` continues them, instead of dying without a word."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)

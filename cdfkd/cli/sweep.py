@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from cdfkd.cli.common import Subparsers, command
+from cdfkd.cli.common import Subparsers, add_trust, apply_trust, command
 
 
 @command
@@ -31,6 +31,7 @@ def _sweep(sub: Subparsers) -> None:
         help="continue an interrupted sweep: finished trials are kept, unfinished ones resume",
     )
     p.add_argument("--name", default=None, help="experiment name (default: the spec's name)")
+    add_trust(p)
     p.set_defaults(func=_run_sweep)
 
 
@@ -38,39 +39,45 @@ def _sweep(sub: Subparsers) -> None:
 def _cluster(sub: Subparsers) -> None:
     p = sub.add_parser(
         "cluster",
-        help="check a Ray cluster file (cluster.yaml) offline before `ray up`",
+        help="check a Ray cluster file (cluster.yaml) or a KubeRay manifest offline",
         description="Validate a cluster-launcher file against Ray's schema and cdfkd's needs "
-        "(token authentication, a private dashboard, security groups, a shared file system) "
-        "and list the <PLACEHOLDERS> still to fill in; with --spec, check that the sweep's "
-        "trials fit a node type and that its storage_path is on the shared file system. "
-        "Exit 1 while anything is an error or still to fill in.",
+        "(token authentication, a private dashboard, security groups, a shared file system, "
+        "autoscaling that stops idle workers, the same Ray as here) and list the "
+        "<PLACEHOLDERS> still to fill in; a KubeRay RayCluster/RayJob manifest "
+        "(deploy/kuberay/) gets the same checks against KubeRay's API. With --spec, check that "
+        "a worker type offers every resource the sweep's trials ask for, that they fit one, "
+        "and that its storage_path is on the shared file system. Exit 1 while anything is an "
+        "error or still to fill in.",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    c = actions.add_parser("check", help="report what `ray up` would trip on")
-    c.add_argument("file", nargs="?", default="cluster.yaml", help="default: ./cluster.yaml")
+    c = actions.add_parser("check", help="report what `ray up` or `kubectl apply` would trip on")
+    c.add_argument(
+        "file",
+        nargs="?",
+        default="cluster.yaml",
+        help="cluster.yaml or a KubeRay manifest (default: ./cluster.yaml)",
+    )
     c.add_argument("--spec", default=None, help="a sweep spec meant for this cluster")
     c.set_defaults(func=_run_cluster_check)
 
 
 def _run_cluster_check(args: argparse.Namespace) -> int:
-    from cdfkd.tune.cluster import check_cluster
+    from cdfkd.tune.cluster import check_cluster, launch_command
 
     findings = check_cluster(args.file, args.spec)
     for finding in findings:
         print(finding)
     blocking = [f for f in findings if f.level != "warning"]
     warnings = len(findings) - len(blocking)
+    launch = launch_command(args.file)
     if blocking:
         print(
             f"{args.file}: {len(blocking)} to fix or fill in"
             + (f", {warnings} warning(s)" if warnings else "")
-            + " before `ray up`"
+            + f" before `{launch}`"
         )
         return 1
-    print(
-        f"{args.file}: ready for `ray up {args.file}`"
-        + (f" ({warnings} warning(s))" if warnings else "")
-    )
+    print(f"{args.file}: ready for `{launch}`" + (f" ({warnings} warning(s))" if warnings else ""))
     return 0
 
 
@@ -82,11 +89,13 @@ def _run_sweep(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from cdfkd.tune.run import run_sweep
 
+    apply_trust(args)
     summary = run_sweep(
         args.spec,
         address=args.address,
         resume=args.resume,
         name=args.name,
+        trust=list(args.trust or []),
         write=lambda line: print(line, file=sys.stderr, flush=True),
     )
     rows = summary["rows"]
@@ -99,5 +108,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if "best" in summary:
         b = summary["best"]
         print(f"best relative accuracy {b['relative_accuracy']:.4f} (trial {b['trial_id']})")
+        if b.get("path"):
+            print(f"deploy it: cdfkd export {b['path']}/run --format onnx --int8")
     print(f"results: {summary['experiment_dir']}/results.csv")
     return 0

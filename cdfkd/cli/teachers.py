@@ -1,19 +1,31 @@
-"""``cdfkd teachers train`` and ``cdfkd teachers eval``: teacher ensembles on real data."""
+"""``cdfkd teachers train|import|eval``: teacher ensembles trained here or elsewhere, re-checked."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from cdfkd.cli.common import Subparsers, add_device, command, pct, setup_device, table
+from cdfkd.cli.common import (
+    Subparsers,
+    add_device,
+    add_model_kwargs,
+    add_trust,
+    apply_trust,
+    command,
+    model_kwargs,
+    pct,
+    setup_device,
+    table,
+)
 
 
 @command
 def _teachers(sub: Subparsers) -> None:
     p = sub.add_parser(
         "teachers",
-        help="train teacher ensembles and verify saved ones",
-        description="Train an ensemble of teachers on real data, or re-check a saved one.",
+        help="train teacher ensembles, import trained ones, verify saved ones",
+        description="Train an ensemble of teachers on real data, import teachers trained "
+        "elsewhere, or re-check a saved ensemble.",
     )
     actions = p.add_subparsers(title="actions", metavar="ACTION", required=True)
 
@@ -24,7 +36,12 @@ def _teachers(sub: Subparsers) -> None:
         "omitted options take the recipe's defaults (cdfkd.data.dataset_spec(NAME).recipe).",
     )
     t.add_argument("--dataset", required=True, help="dataset name (cdfkd.data.list_datasets())")
-    t.add_argument("--arch", required=True, help="teacher model (cdfkd.models.list_models())")
+    t.add_argument(
+        "--arch",
+        required=True,
+        help="teacher model: a zoo name (cdfkd.models.list_models()), torchvision:<name> or "
+        "package.module:function",
+    )
     t.add_argument("--count", type=int, default=3, help="number of teachers (default 3)")
     t.add_argument("--epochs", type=int, default=None, help="epochs per teacher")
     t.add_argument("--out", required=True, help="ensemble directory to write")
@@ -49,8 +66,42 @@ def _teachers(sub: Subparsers) -> None:
     )
     t.add_argument("--cpus-per-teacher", type=float, default=1.0, help="with --ray (default 1)")
     t.add_argument("--gpus-per-teacher", type=float, default=0.0, help="with --ray (default 0)")
+    add_model_kwargs(t)
     add_device(t)
     t.set_defaults(func=_teachers_train)
+
+    i = actions.add_parser(
+        "import",
+        help="check and evaluate teachers trained elsewhere and write DIR/ensemble.json",
+        description="Build ARCH for the dataset, load each weights file into it (safetensors, or "
+        "a torch state dict read with weights_only=True), check the inputs it takes and its "
+        "logits, measure its test accuracy when the data is here, and write a verified "
+        "ensemble folder. A package.module:function arch is trusted for this command (it is "
+        "named here); later commands that load the folder need --trust MODULE.",
+    )
+    i.add_argument("--arch", required=True, help="zoo name, torchvision:<name> or pkg.mod:fn")
+    i.add_argument(
+        "--weights", nargs="+", required=True, metavar="FILE", help="one weights file per teacher"
+    )
+    i.add_argument("--dataset", required=True, help="dataset name (cdfkd.data.list_datasets())")
+    i.add_argument("--out", required=True, help="ensemble directory to write")
+    i.add_argument("--data-root", default="data", help="dataset root folder (default: data)")
+    i.add_argument("--image-size", type=int, default=None, help="input side (default: dataset's)")
+    i.add_argument("--split-seed", type=int, default=0, help="split seed (digits, caltech101)")
+    i.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=None,
+        help="per-channel input mean, used only when the dataset cannot be loaded here",
+    )
+    i.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std (same)")
+    i.add_argument("--no-download", action="store_true", help="never download datasets")
+    i.add_argument("--overwrite", action="store_true", help="replace an ensemble already in --out")
+    add_model_kwargs(i)
+    add_trust(i)
+    add_device(i)
+    i.set_defaults(func=_teachers_import)
 
     e = actions.add_parser(
         "eval",
@@ -67,8 +118,27 @@ def _teachers(sub: Subparsers) -> None:
     )
     e.add_argument("--batch-size", type=int, default=512)
     e.add_argument("--no-download", action="store_true", help="never download datasets")
+    add_trust(e)
     add_device(e)
     e.set_defaults(func=_teachers_eval)
+
+    v = actions.add_parser(
+        "validation-set",
+        help="build (or verify) the synthetic validation set that selection_score is computed on",
+        description="Synthesise class-balanced images from the teachers alone (BN-statistics "
+        "inversion, DeepInversion-style, with a diversity term) and store them in DIR with their "
+        "sha256 in DIR/ensemble.json. Sweeps and `cdfkd distill` build it themselves when it is "
+        "missing; an existing set is verified and kept unless --rebuild.",
+    )
+    v.add_argument("dir", help="ensemble directory")
+    v.add_argument("--per-class", type=int, default=None, help="images per class (default 50)")
+    v.add_argument("--iterations", type=int, default=None, help="optimiser steps (default 200)")
+    v.add_argument("--seed", type=int, default=None, help="synthesis seed (default 0)")
+    v.add_argument("--rebuild", action="store_true", help="replace the set the folder has")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trust(v)
+    add_device(v)
+    v.set_defaults(func=_teachers_validation_set)
 
 
 def _teachers_train(args: argparse.Namespace) -> int:
@@ -78,6 +148,7 @@ def _teachers_train(args: argparse.Namespace) -> int:
 
     from cdfkd.teachers import TeacherTrainConfig, TrainProgress, train_ensemble
 
+    apply_trust(args, args.arch)  # the arch is named on this command line
     device = setup_device(args)
     cfg = TeacherTrainConfig.for_dataset(
         args.dataset,
@@ -89,6 +160,7 @@ def _teachers_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         image_size=args.image_size,
         num_workers=args.workers,
+        model_kwargs=model_kwargs(args) or None,
     )
     bar = tqdm(
         total=cfg.count * cfg.epochs,
@@ -123,13 +195,44 @@ def _teachers_train(args: argparse.Namespace) -> int:
             )
     finally:
         bar.close()
+    _print_manifest(manifest)
+    print(f"wrote {args.out}/ensemble.json in {time.perf_counter() - t0:.1f} s on {device}")
+    return 0
+
+
+def _print_manifest(manifest: dict) -> None:
     rows = [
         [str(i), t["file"], str(t["seed"]), pct(t["test_accuracy"]), t["sha256"][:12]]
         for i, t in enumerate(manifest["teachers"])
     ]
     print(table(["#", "file", "seed", "test acc %", "sha256"], rows))
     print(f"ensemble (mean logits): {pct(manifest['ensemble_accuracy'])} %")
-    print(f"wrote {args.out}/ensemble.json in {time.perf_counter() - t0:.1f} s on {device}")
+
+
+def _teachers_import(args: argparse.Namespace) -> int:
+    from cdfkd.teachers import import_ensemble
+
+    apply_trust(args, args.arch)  # the arch is named on this command line
+    device = setup_device(args)
+    manifest = import_ensemble(
+        args.arch,
+        args.weights,
+        args.dataset,
+        args.out,
+        data_root=args.data_root,
+        image_size=args.image_size,
+        split_seed=args.split_seed,
+        download=not args.no_download,
+        model_kwargs=model_kwargs(args),
+        mean=args.mean,
+        std=args.std,
+        device=device,
+        overwrite=args.overwrite,
+    )
+    _print_manifest(manifest)
+    if manifest["ensemble_accuracy"] is None:
+        print(f"{args.dataset} is not available here: accuracies not measured")
+    print(f"wrote {args.out}/ensemble.json (verified: every file re-read and its hash checked)")
     return 0
 
 
@@ -152,6 +255,7 @@ def _train_with_ray(args: argparse.Namespace, cfg, bar) -> dict:
 def _teachers_eval(args: argparse.Namespace) -> int:
     from cdfkd.teachers import check_ensemble_dir
 
+    apply_trust(args)
     device = setup_device(args)
     report = check_ensemble_dir(
         args.dir,
@@ -185,3 +289,44 @@ def _teachers_eval(args: argparse.Namespace) -> int:
         print(f"problem: {problem}", file=sys.stderr)
     print(f"FAILED: {args.dir} did not verify", file=sys.stderr)
     return 1
+
+
+def _teachers_validation_set(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cdfkd.selection import SELECTION_SCORE, ValidationSetConfig, ensure_validation_set
+
+    apply_trust(args)
+    device = setup_device(args)
+    given = {"per_class": args.per_class, "iterations": args.iterations, "seed": args.seed}
+    cfg = ValidationSetConfig(**{k: v for k, v in given.items() if v is not None})
+    bar = tqdm(
+        total=None, desc="validation set", unit="step", file=sys.stderr, disable=args.no_progress
+    )
+
+    def step(done: int, total: int, loss: float) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    try:
+        vs = ensure_validation_set(
+            args.dir,
+            cfg=cfg,
+            rebuild=args.rebuild,
+            device=device,
+            progress=lambda line: bar.write(line, file=sys.stderr),
+            build_progress=step,
+        )
+    finally:
+        bar.close()
+    e = vs.entry
+    counts = vs.class_counts()
+    cpu = e.get("cpu_seconds")
+    print(
+        f"{args.dir}: validation set {e.get('file')} (sha256 {str(e.get('sha256'))[:12]}...), "
+        f"{len(vs.targets)} images, {min(counts)}-{max(counts)} per class"
+        + (f", built in {cpu:.0f} CPU-s" if cpu is not None else "")
+    )
+    print(f"selection_score ({SELECTION_SCORE}) of every run on these teachers is computed on it")
+    return 0

@@ -1,6 +1,7 @@
 """Multi-header students: one shared body, H headers (one per teacher), structure as data.
 
-Two families, both built over any zoo backbone:
+Two families, both built over any zoo backbone (torchvision and user backbones:
+``cdfkd.models.wrapped_students``):
 
 * ``mfs`` - CDFKD-MFS (Hao et al., TMM 2022) multi-level feature sharing. The whole trunk
   (every stage) is shared. Each header is a private chain of light SepConv encoders: encoder
@@ -16,15 +17,11 @@ a ``FeatureOutput`` whose ``stages`` and ``embedding`` are per-header lists.
 
 from __future__ import annotations
 
-import functools
-from numbers import Integral
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cdfkd.models.base import (
-    MODELS,
     FeatureOutput,
     GlobalPool,
     StagedClassifier,
@@ -44,32 +41,6 @@ def _stage_channels(model: StagedClassifier) -> list[int]:
     # ``widths`` lists the stages' output channels first (LeNet appends its fc width).
     widths: tuple[int, ...] = model.widths  # type: ignore[assignment]  # set by every zoo model
     return list(widths[: len(model.stages)])
-
-
-@functools.cache
-def _probe(backbone: str) -> tuple[tuple[str, ...], int]:
-    build = MODELS.get(backbone)
-    with torch.device("meta"):  # structure only: no memory, no init cost
-        model = build(2, 3, build.image_sizes[0])
-    return tuple(model.stage_names), model.stem_stages
-
-
-def student_structure_space(backbone: str) -> dict:
-    """Valid header structures for ``backbone`` (inclusive integer ranges).
-
-    Returns ``{"stages": [stage names], "mfs": {"fuse_from": (lo, hi)},
-    "branch": {"share_until": (lo, hi)}, "header_width": (0.0, 4.0)}``;
-    ``header_width`` is exclusive at 0. Stage indices count from 0 over ``stages``;
-    stem stages are shared but never fused from.
-    """
-    names, stem = _probe(backbone)
-    k = len(names)
-    return {
-        "stages": list(names),
-        "mfs": {"fuse_from": (stem, k - 1)},
-        "branch": {"share_until": (1, k - 1)},
-        "header_width": (0.0, HEADER_WIDTH_MAX),
-    }
 
 
 class SepConv(nn.Sequential):
@@ -121,7 +92,9 @@ class MFSHeader(nn.Module):
         return self.classifier(embedding), maps, embedding
 
 
-class _MultiHeadStudent(nn.Module):
+class MultiHeadStudent(nn.Module):
+    """What every multi-header student shares: ``heads``, BN layers, the output format."""
+
     heads: nn.ModuleList
 
     @property
@@ -141,7 +114,7 @@ class _MultiHeadStudent(nn.Module):
         return FeatureOutput(logits, stages, [o[2] for o in outs])
 
 
-class MFSStudent(_MultiHeadStudent):
+class MFSStudent(MultiHeadStudent):
     """Shared trunk (all stages of ``backbone``) + H ``MFSHeader``s reading stages ``fuse_from..``.
 
     ``forward(x)`` -> (H, B, C); features: per header its encoder maps (encoder k's map has
@@ -169,7 +142,7 @@ class MFSStudent(_MultiHeadStudent):
         return self._output(outs, None, return_features)
 
 
-class BranchStudent(_MultiHeadStudent):
+class BranchStudent(MultiHeadStudent):
     """Shared stages ``[0, share_until)`` + H private ``StagedClassifier`` tails.
 
     ``forward(x)`` -> (H, B, C); features: per header the shared maps followed by its own
@@ -197,59 +170,16 @@ class BranchStudent(_MultiHeadStudent):
         return self._output(outs, maps, return_features)
 
 
-def _check_range(name: str, value: int, lo: int, hi: int, backbone: str) -> None:
-    if not (isinstance(value, Integral) and lo <= value <= hi):
-        raise ValueError(f"{name}={value} is out of range for {backbone} (valid: {lo}..{hi})")
-
-
-def create_student(
-    backbone: str,
+def zoo_branch_student(
+    build,
     num_classes: int,
-    in_channels: int = 3,
-    image_size: int = 32,
-    family: str | None = None,
-    headers: int = 1,
-    fuse_from: int | None = None,
-    share_until: int | None = None,
-    header_width: float = 1.0,
-) -> nn.Module:
-    """Build a student on zoo ``backbone``; ``family=None`` gives the plain zoo model.
-
-    mfs: ``fuse_from`` (default: first non-stem stage) picks the first trunk stage the
-    headers read. branch: ``share_until`` (default: all but the last stage) is the number
-    of shared stages. ``header_width`` in (0, 4] scales header channels. Valid ranges per
-    backbone: ``student_structure_space``; anything else raises ``ValueError`` naming them.
-    """
-    build = MODELS.get(backbone)
-    if family is None:
-        if headers != 1 or fuse_from is not None or share_until is not None or header_width != 1:
-            raise ValueError(
-                "headers, fuse_from, share_until and header_width need family='mfs' or 'branch'"
-            )
-        return build(num_classes, in_channels, image_size)
-    if family not in FAMILIES:
-        raise ValueError(f"unknown student family {family!r} (valid: {', '.join(FAMILIES)})")
-    if not (isinstance(headers, Integral) and headers >= 1):
-        raise ValueError(f"headers={headers} must be an integer >= 1")
-    if not 0 < header_width <= HEADER_WIDTH_MAX:
-        raise ValueError(
-            f"header_width={header_width} is out of range (valid: (0, {HEADER_WIDTH_MAX}])"
-        )
-    space = student_structure_space(backbone)
-    if family == "mfs":
-        if share_until is not None:
-            raise ValueError("share_until applies to family='branch'; mfs uses fuse_from")
-        lo, hi = space["mfs"]["fuse_from"]
-        fuse_from = lo if fuse_from is None else fuse_from
-        _check_range("fuse_from", fuse_from, lo, hi, backbone)
-        trunk = build(num_classes, in_channels, image_size)
-        return MFSStudent(trunk, headers, fuse_from, header_width)
-
-    if fuse_from is not None:
-        raise ValueError("fuse_from applies to family='mfs'; branch uses share_until")
-    lo, hi = space["branch"]["share_until"]
-    share_until = hi if share_until is None else share_until
-    _check_range("share_until", share_until, lo, hi, backbone)
+    in_channels: int,
+    image_size: int,
+    headers: int,
+    share_until: int,
+    header_width: float,
+) -> BranchStudent:
+    """A ``BranchStudent`` over zoo builder ``build``: its first ``share_until`` stages shared."""
     body = build(num_classes, in_channels, image_size)
     # A private copy is a whole model whose widths from share_until on are scaled; its first
     # private stage therefore takes the shared output channels. Its shared part is dropped.

@@ -4,10 +4,12 @@
 way later stages get teachers. ``save_ensemble(models, dir, info, archs)`` writes
 an ensemble directory for models trained anywhere (and for tests).
 ``ensemble_to_numpy``/``ensemble_from_numpy`` ship an ensemble through Ray's
-object store. ``train_ensemble`` is what ``cdfkd teachers train`` runs.
+object store. ``train_ensemble`` is what ``cdfkd teachers train`` runs,
+``import_ensemble`` what ``cdfkd teachers import`` runs (weights trained elsewhere).
 """
 
 from cdfkd.teachers.ensemble import AUTO_FUSED, MODES, TeacherEnsemble
+from cdfkd.teachers.importer import import_ensemble
 from cdfkd.teachers.manifest import (
     MANIFEST,
     EnsembleError,
@@ -60,6 +62,7 @@ __all__ = [
     "ensemble_id_of_dir",
     "ensemble_to_numpy",
     "evaluate_ensemble",
+    "import_ensemble",
     "load_ensemble",
     "load_state_file",
     "read_manifest",

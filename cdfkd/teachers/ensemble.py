@@ -75,8 +75,8 @@ class TeacherEnsemble(nn.Module):
     """N frozen teachers evaluated on one batch.
 
     ``teachers``: classifiers with ``forward(x, return_features=False)`` (zoo
-    ``StagedClassifier`` models). ``info`` describes their common input.
-    ``archs``: the zoo name of each teacher. ``manifest``: the ``ensemble.json``
+    ``StagedClassifier`` models, or torchvision/user models in a ``WrappedClassifier``). ``info`` describes their common input.
+    ``archs``: the arch name of each teacher. ``manifest``: the ``ensemble.json``
     content it was loaded from (``{}`` if built in memory).
 
     Attributes: ``num_teachers``, ``num_classes``, ``info``, ``archs``,

@@ -8,9 +8,16 @@ An ensemble directory holds one weights file per teacher and ``ensemble.json``::
      "teachers": [{"file": "teacher_0.safetensors", "arch": "lenet5", "seed": 0,
                    "test_accuracy": 0.97, "sha256": "...", "model_kwargs": {}}, ...],
      "ensemble_accuracy": 0.98, "config": {...training config...},
-     "cdfkd_version": "0.1.0", "created": "2026-11-25T03:20:00+00:00"}
+     "cdfkd_version": "0.1.0", "created": "2026-11-25T03:20:00+00:00",
+     "validation_set": {"file": "validation_set.safetensors", "sha256": "...",
+                        "images": 500, "per_class": 50, "ensemble_id": "...",
+                        "build": {...synthesis settings...}, "cpu_seconds": 80.0,
+                        "created": "..."}}
 
 Accuracies are fractions in [0, 1] (null when unknown). Unknown keys are errors.
+``validation_set`` (optional, absent in manifests written before it existed) names the
+synthetic selection set built from these teachers (``cdfkd.teachers.validation``);
+``ensemble_id`` is the id of the teachers it was built from.
 """
 
 from __future__ import annotations
@@ -56,11 +63,16 @@ class _Strict(BaseModel):
 
 class TeacherEntry(_Strict):
     file: str = Field(description="weights file name inside the ensemble directory")
-    arch: str = Field(description="zoo model name (cdfkd.models.list_models())")
+    arch: str = Field(
+        description="zoo model name (cdfkd.models.list_models()), torchvision:<name> or "
+        "package.module:function (loading it needs that module trusted: --trust)"
+    )
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     seed: int | None = None
     test_accuracy: float | None = Field(None, ge=0.0, le=1.0)
-    model_kwargs: dict = Field(default_factory=dict, description="extra create_model arguments")
+    model_kwargs: dict = Field(
+        default_factory=dict, description="extra create_model arguments (stages, builder kwargs)"
+    )
 
     @field_validator("file")
     @classmethod
@@ -69,6 +81,26 @@ class TeacherEntry(_Strict):
             raise ValueError(f"{v!r} must be a plain file name inside the ensemble directory")
         if not v.endswith(WEIGHT_SUFFIXES):
             raise ValueError(f"{v!r} must end in one of {', '.join(WEIGHT_SUFFIXES)}")
+        return v
+
+
+class ValidationSetEntry(_Strict):
+    """The synthetic validation set of an ensemble folder (``cdfkd.teachers.validation``)."""
+
+    file: str = Field(description="safetensors file name inside the ensemble directory")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    images: int = Field(ge=1)
+    per_class: int = Field(ge=1)
+    ensemble_id: str = Field(description="ensemble_id() of the teachers it was built from")
+    build: dict = Field(default_factory=dict, description="the synthesis settings")
+    cpu_seconds: float | None = None
+    created: str = ""
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if Path(v).name != v or v in ("", ".", "..") or not v.endswith(".safetensors"):
+            raise ValueError(f"{v!r} must be a plain .safetensors file name in the directory")
         return v
 
 
@@ -84,6 +116,9 @@ class Manifest(_Strict):
     config: dict = Field(default_factory=dict)
     cdfkd_version: str = "unknown"
     created: str = ""
+    validation_set: ValidationSetEntry | None = Field(
+        None, exclude_if=lambda v: v is None, description="the synthetic validation set"
+    )
 
     def info(self) -> DatasetInfo:
         return DatasetInfo.from_dict(self.input)

@@ -9,6 +9,8 @@
   (``outbox``) that keeps what an unreachable server could not receive; ``sync``:
   ``sync_runs`` (``cdfkd mlflow sync DIR``) replays it.
 - ``export``: the header-averaging ``ServingStudent`` and ``torch.export`` programs.
+- ``exports``: ``log_export``, the files of ``cdfkd export`` logged to their run (and
+  tagged on its registered versions).
 - ``model_registry``: log a student as a ``pt2`` model, register it, load it back
   (``load_registered_student``: a model that maps (B, C, H, W) images to (B, C) logits).
 - ``tags``: ``git_commit``, ``standard_tags``.
@@ -34,6 +36,7 @@ _LAZY = {
     "sync_runs": "sync",
     "ServingStudent": "export",
     "serving_module": "export",
+    "log_export": "exports",
     "register_student": "model_registry",
     "load_registered_student": "model_registry",
     "student_from_run_dir": "model_registry",
