@@ -206,6 +206,17 @@ POOL = {"pool": {"size": 3 * BATCH, "refresh": 1}}
 
 
 @pytest.mark.parametrize("name", GENERATOR_METHODS)
+def test_pool_defaults_are_the_measured_ones_and_size_0_turns_it_off(name, teachers, digits):
+    # BENCHMARKS.md, "Cheaper synthesis": 512 images for cgdd and cdfkd_mfs, off otherwise.
+    expected = 512 if name in ("cgdd", "cdfkd_mfs") else 0
+    method = _build(name, "mfs", teachers, digits)
+    assert method.pool_cfg.size == expected
+    assert (method.pool is not None) == (expected > 0)
+    off = _build(name, "mfs", teachers, digits, {"pool": {"size": 0}})
+    assert off.pool_cfg.size == 0 and off.pool is None
+
+
+@pytest.mark.parametrize("name", GENERATOR_METHODS)
 def test_image_pool_resumes_exactly_and_feeds_student_updates(name, teachers, digits, roundtrip):
     method = _build(name, "mfs", teachers, digits, POOL)
     first = _run(method, STEPS)
@@ -220,7 +231,7 @@ def test_image_pool_resumes_exactly_and_feeds_student_updates(name, teachers, di
     resumed = _run(resumed_method, STEPS)
     _assert_same_run(straight, resumed, _trainable_state(method), _trainable_state(resumed_method))
     # A checkpoint written without a pool does not resume a config with one.
-    plain = _build(name, "mfs", teachers, digits)
+    plain = _build(name, "mfs", teachers, digits, {"pool": {"size": 0}})
     _run(plain, 1)
     with pytest.raises(ValueError, match="disagree on the image pool"):
         _build(name, "mfs", teachers, digits, POOL).load_state_dict(roundtrip(plain.state_dict()))

@@ -135,6 +135,30 @@ def test_the_default_set_is_class_balanced_and_the_teachers_agree_with_it(digits
     assert x.isfinite().all()
 
 
+def test_distill_can_skip_building_the_set_and_then_has_no_selection_score(
+    teachers_copy, tmp_path, monkeypatch
+):
+    import cdfkd.selection
+    from cdfkd.cli import main
+
+    def no_build(*a, **k):
+        raise AssertionError("--skip-validation-set built the set")
+
+    monkeypatch.setattr(cdfkd.selection, "build_validation_set", no_build)
+    monkeypatch.chdir(tmp_path)
+    raw = _raw(teachers_copy, tmp_path)
+    raw["tracking"] = {"enabled": False}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    argv = ["distill", "--config", str(config), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--skip-validation-set"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["selection_score"] is None and result["proxy"] is not None
+    assert read_manifest(teachers_copy).validation_set is None  # nothing written to the folder
+    assert not list(teachers_copy.glob("validation_set*"))
+
+
 # ----------------------------------------------------------------------------- reported
 
 

@@ -38,6 +38,13 @@ def _distill(sub: Subparsers) -> None:
         help="train the header aggregation on M real labelled samples per class at the end",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--skip-validation-set",
+        action="store_true",
+        help="do not build the teachers' synthetic validation set when their folder has none "
+        "(it takes minutes on CPU for large teachers): the run then has no selection_score; "
+        "`cdfkd teachers validation-set DIR` builds it later",
+    )
     add_trust(p)
     p.set_defaults(func=_run_distill)
 
@@ -57,7 +64,9 @@ def _run_distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     preflight(cfg)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    validation = _validation_set(cfg)  # an altered set is refused before the folder is made
+    # an altered set is refused before the folder is made; skipped, the folder's own set
+    # (if any) is still read and verified by run()
+    validation = None if args.skip_validation_set else _validation_set(cfg)
     RunDir(out).prepare(args.resume)  # before any logger writes into the folder
     bar = tqdm(
         total=cfg.train.steps,
