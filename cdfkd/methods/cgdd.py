@@ -112,7 +112,7 @@ class CGDDConfig(MethodConfig):
     at_stages: list[tuple[int, int]] | None = Field(
         None, description="[[student_stage, teacher_stage], ...]; None: last k stages of both"
     )
-    # Against mode collapse of G(z, y) (each off at 0/False). Defaults from the ablation in
+    # Against mode collapse of G(z, y) (0/False turns each off). Defaults from the ablation in
     # BENCHMARKS.md, "CGDD without mode collapse": the mode-seeking term on (Fashion-MNIST
     # 70.9 -> 81.7 % relative at 1000 rounds, digits 92.3 -> 94.2 % over 3 seeds); balanced
     # labels and re-initialisation off (each cost accuracy there).
@@ -218,7 +218,8 @@ class CGDD(DistillMethod):
     @phase("generator_update")
     def generator_step(self) -> dict[str, torch.Tensor]:
         """One G update; returns ``generator`` (L_G) and its terms ``preset_ce``,
-        ``information_entropy``, ``bn`` (if w_bn > 0), ``adversarial`` (D, if w_adv > 0)."""
+        ``information_entropy``, ``bn`` (if w_bn > 0), ``diversity`` (the mode-seeking term,
+        if w_div > 0), ``adversarial`` (D, if w_adv > 0)."""
         m = self.mcfg
         if m.reinit_every and self.step_count % m.reinit_every == 0 and self.step_count > 0:
             self._reinit_label_embedding()
