@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cdfkd.data import load_dataset
-from cdfkd.models import FeatureOutput
+from cdfkd.metrics import evaluate_headers
 from cdfkd.runs import RunDir
 
 
@@ -39,17 +39,10 @@ def main() -> None:
     )
     for run in args.runs:
         student, _ = RunDir(run).load_student("cpu", info)
-        correct = seen = 0
-        with torch.no_grad():
-            for x, y in loader:
-                out = student(x)
-                logits = out.logits if isinstance(out, FeatureOutput) else out
-                if logits.dim() == 3:  # (headers, batch, classes): the headers' mean logit
-                    logits = logits.mean(0)
-                correct += (logits.argmax(-1) == y).sum().item()
-                seen += len(y)
+        with torch.no_grad():  # the engine's own evaluation, so both columns mean the same
+            val = evaluate_headers(student, loader, torch.device("cpu"))["accuracy"]
         test = json.loads((run / "result.json").read_text())["student_accuracy"]
-        print(f"{str(run):40s} validation {100 * correct / seen:5.1f} %   test {100 * test:5.1f} %")
+        print(f"{str(run):40s} validation {100 * val:5.1f} %   test {100 * test:5.1f} %")
 
 
 if __name__ == "__main__":

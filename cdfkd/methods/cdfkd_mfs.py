@@ -85,8 +85,8 @@ class CDFKDMFS(DistillMethod):
     generator_kind = "dcgan"
     bn_prior_weight = "lambda_bn"
     #: 512 images: on digits and Fashion-MNIST at equal rounds as accurate as fresh
-    #: batches, at 0.6x (cdfkd_mfs) to 0.8x (cgdd) the CPU time (BENCHMARKS.md, "Cheaper
-    #: synthesis"); a bank of 4096 let cdfkd_mfs's student fall behind its generator (22 %).
+    #: batches, at 0.6x the CPU time (BENCHMARKS.md, "Cheaper synthesis"); a bank of 4096
+    #: let the student fall behind its generator (22 %).
     default_pool = PoolConfig(size=512)
 
     # -- structure -------------------------------------------------------------

@@ -162,8 +162,7 @@ class CGDD(DistillMethod):
     generator_kind = "conditional"
     bn_prior_weight = "w_bn"
     #: 512 images: on digits and Fashion-MNIST at equal rounds as accurate as fresh
-    #: batches, at 0.6x (cdfkd_mfs) to 0.8x (cgdd) the CPU time (BENCHMARKS.md, "Cheaper
-    #: synthesis"); a bank of 4096 let cdfkd_mfs's student fall behind its generator (22 %).
+    #: batches, at 0.8x the CPU time (BENCHMARKS.md, "Cheaper synthesis").
     default_pool = PoolConfig(size=512)
 
     def __init__(self, *args, **kwargs) -> None:
