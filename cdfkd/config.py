@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 
-from cdfkd.data import load_dataset
+from cdfkd.data import load_dataset, validation_split
 from cdfkd.errors import ConfigError
 from cdfkd.methods import MethodConfig, method_config_class
 from cdfkd.methods.pool import PoolConfig
@@ -53,8 +53,15 @@ class DataConfig(_Strict):
         0, description="seed of datasets without a fixed split (digits, caltech101)"
     )
 
-    def load(self, augment: bool = True):
-        """(train, test, DatasetInfo) of this dataset (cdfkd.data.load_dataset)."""
+    validation_images: int = Field(
+        0,
+        ge=0,
+        description="training images held out as a validation split: every evaluation reports "
+        "validation_accuracy on them, so sweeps and defaults are chosen without the test set; "
+        "no method trains on them; 0: none",
+    )
+
+    def _load(self, augment: bool):
         return load_dataset(
             self.name,
             root=self.root,
@@ -63,6 +70,27 @@ class DataConfig(_Strict):
             download=self.download,
             augment=augment,
         )
+
+    def load(self, augment: bool = True):
+        """(train, test, DatasetInfo) of this dataset (cdfkd.data.load_dataset); the train
+        split without the ``validation_images`` held out."""
+        train, test, info = self._load(augment)
+        if self.validation_images:
+            train = self._split(train)[0]
+        return train, test, info
+
+    def load_validation(self):
+        """The held-out validation images with the test transform; None when there are none."""
+        if not self.validation_images:
+            return None
+        train, _, _ = self._load(augment=False)
+        return self._split(train)[1]
+
+    def _split(self, train):
+        try:
+            return validation_split(train, self.validation_images, self.split_seed)
+        except ValueError as err:
+            raise ConfigError(f"data.validation_images: {err}; lower it or set 0") from None
 
 
 class TeacherConfig(_Strict):

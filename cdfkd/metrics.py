@@ -15,6 +15,7 @@ REFERENCE_KINDS = ("ensemble", "best_teacher", "kd_real")
 RESULT_METRICS = (
     "relative_accuracy",
     "student_accuracy",
+    "validation_accuracy",
     "proxy",
     "selection_score",
     "student_params",

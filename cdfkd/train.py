@@ -97,6 +97,7 @@ class Session:
     t_start: float = field(default_factory=time.time)
     loop_seconds: float = 0.0
     validation: ValidationSet | None = None  # None: no selection_score (the folder has no set)
+    validation_loader: torch.utils.data.DataLoader | None = None  # data.validation_images
 
 
 # ----------------------------------------------------------------------------- setup
@@ -168,6 +169,12 @@ def setup(
         torch.set_num_threads(cfg.train.threads)
     train_ds, test_ds, info = cfg.data.load()
     test_loader = eval_loader(test_ds, cfg.train.eval_batch_size, device)
+    validation_ds = cfg.data.load_validation()
+    validation_loader = (
+        None
+        if validation_ds is None
+        else eval_loader(validation_ds, cfg.train.eval_batch_size, device)
+    )
     if teachers is None:  # the one way in is a verified ensemble directory
         teachers = load_ensemble(
             cfg.teachers.path, device, expect_num_classes=info.num_classes, mode=cfg.teachers.mode
@@ -193,6 +200,7 @@ def setup(
     return Session(
         cfg, run_dir, device, info, teachers, method, train_ds, test_loader, reference, logger,
         started_at_step=method.step_count, validation=validation,
+        validation_loader=validation_loader,
     )  # fmt: skip
 
 
@@ -337,7 +345,8 @@ def nonfinite_error(losses: dict[str, float], step: int, run_dir: RunDir) -> Non
 
 def evaluate(s: Session, final: bool) -> dict:
     """Accuracy on the test set (capped by ``train.max_eval_samples`` unless final), relative
-    accuracy, the data-free proxy and ``selection_score`` on the synthetic validation set
+    accuracy, ``validation_accuracy`` on the held-out training images (when
+    ``data.validation_images`` is set), the data-free proxy and ``selection_score`` on the synthetic validation set
     (when there is one; the final evaluation adds every candidate as ``selection/<name>``).
 
     The test set only measures: nothing here chooses by it.
@@ -351,6 +360,9 @@ def evaluate(s: Session, final: bool) -> dict:
         s.info.num_classes,
     )
     selection = {}
+    if s.validation_loader is not None:  # held-out training images: what sweeps may choose by
+        cap = None if final else tc.max_eval_samples
+        selection["validation_accuracy"] = method.evaluate(s.validation_loader, cap)["accuracy"]
     if s.validation is not None:
         scores = score_student(method.predict, s.validation, s.device)
         selection["selection_score"] = scores[SELECTION_SCORE]
@@ -386,6 +398,7 @@ def finish(s: Session) -> dict:
         "student_accuracy": final["student_accuracy"],
         "header_accuracies": [final[k] for k in sorted(final) if k.startswith("header_")],
         "relative_accuracy": final["relative_accuracy"],
+        "validation_accuracy": final.get("validation_accuracy"),
         "reference": {k: ref[k] for k in ("kind", "accuracy", "name")},
         "proxy": final["proxy"],
         "selection_score": final.get("selection_score"),

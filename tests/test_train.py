@@ -195,3 +195,45 @@ def test_cli_refuses_bad_configs_with_one_message_each(digits_ensemble, tmp_path
     )
     assert "fuse_from=9 is out of range for lenet5_half (valid: 0..2)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before any work
+
+
+def test_validation_images_are_held_out_and_measured(digits_ensemble, tmp_path, monkeypatch):
+    import cdfkd.train as train_mod
+    from cdfkd.data import load_dataset, validation_split
+    from cdfkd.metrics import evaluate_headers
+    from cdfkd.runs import RunDir
+
+    raw = _raw(digits_ensemble, tmp_path, method="kd_real", steps=10)
+    raw["data"]["validation_images"] = 300
+    cfg = build_config(raw)
+    seen = {}
+    create = train_mod.create_method
+
+    def spy(cfg, teachers, info, device, train_data=None):
+        seen["train_indices"] = set(train_data.indices)
+        return create(cfg, teachers, info, device, train_data=train_data)
+
+    monkeypatch.setattr(train_mod, "create_method", spy)
+    result = run(cfg, tmp_path / "r")
+
+    plain, _, _ = load_dataset("digits", root=tmp_path / "data", augment=False)
+    rest, held = validation_split(plain, 300, seed=0)
+    assert len(held) == 300 and len(rest) == len(plain) - 300
+    assert set(held.indices).isdisjoint(rest.indices)
+    # kd_real, the one method that reads real images, trains on the rest only.
+    assert seen["train_indices"] == set(rest.indices)
+    # validation_accuracy is the finished student's accuracy on exactly those images.
+    student, _ = RunDir(tmp_path / "r").load_student()
+    loader = torch.utils.data.DataLoader(held, batch_size=128)
+    single_header = lambda x: student(x).unsqueeze(0)  # noqa: E731  # (H=1, B, C)
+    expect = evaluate_headers(single_header, loader, torch.device("cpu"))
+    assert result["validation_accuracy"] == pytest.approx(expect["accuracy"])
+    assert validation_split(plain, 300, seed=0)[1].indices == held.indices  # deterministic
+    assert validation_split(plain, 300, seed=1)[1].indices != held.indices
+
+
+def test_validation_images_refusals(digits_ensemble, tmp_path):
+    raw = _raw(digits_ensemble, tmp_path, steps=2)
+    raw["data"]["validation_images"] = 10**6
+    with pytest.raises(ConfigError, match=r"data.validation_images: .*needs 0 < count < 1\d\d\d"):
+        run(build_config(raw), tmp_path / "too-many")

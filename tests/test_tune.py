@@ -365,3 +365,22 @@ def test_teachers_train_in_parallel_ray_tasks(ray_env):
     assert report["ensemble_accuracy"] == pytest.approx(manifest["ensemble_accuracy"])
     x = torch.zeros(3, 1, 32, 32)
     assert ensemble(x).shape == (2, 3, 10)
+
+
+def test_validation_accuracy_objective_needs_held_out_images(tmp_path):
+    from cdfkd.tune.spec import load_spec
+
+    spec = {
+        "name": "val",
+        "base_config": {"method": {"name": "cgdd"}, "teachers": {"path": str(tmp_path)}},
+        "objective": {"metric": "validation_accuracy", "mode": "max"},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="set data.validation_images"):
+        load_spec(path)
+    spec["overrides"] = {"data.validation_images": 500}
+    path.write_text(yaml.safe_dump(spec))
+    loaded, base = load_spec(path)
+    assert loaded.objective.metric == "validation_accuracy"
+    assert base["data"]["validation_images"] == 500

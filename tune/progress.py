@@ -10,6 +10,7 @@ from ray.tune import Callback
 _METRIC_COLUMNS = (
     ("relative_accuracy", "rel_acc"),
     ("student_accuracy", "acc"),
+    ("validation_accuracy", "val_acc"),
     ("selection_score", "sel_score"),
     ("steps_per_second", "steps/s"),
 )

@@ -30,9 +30,16 @@ from cdfkd.errors import ConfigError
 from cdfkd.schema import Strict, format_errors
 from cdfkd.selection import ValidationSetConfig
 
-#: ``selection_score`` needs no labelled data (the synthetic validation set); the
-#: accuracies are measured on the labelled test set
-OBJECTIVE_METRICS = ("relative_accuracy", "student_accuracy", "proxy", "selection_score")
+#: ``selection_score`` needs no labelled data (the synthetic validation set);
+#: ``validation_accuracy`` is measured on training images held out by
+#: ``data.validation_images``, the other accuracies on the labelled test set
+OBJECTIVE_METRICS = (
+    "relative_accuracy",
+    "student_accuracy",
+    "validation_accuracy",
+    "proxy",
+    "selection_score",
+)
 SECOND_METRICS = ("student_params", "student_macs")
 
 
@@ -68,9 +75,7 @@ class Param(Strict):
 
 
 class Objective(Strict):
-    metric: Literal["relative_accuracy", "student_accuracy", "proxy", "selection_score"] = (
-        "relative_accuracy"
-    )
+    metric: Literal[OBJECTIVE_METRICS] = "relative_accuracy"
     mode: Literal["max", "min"] = "max"
     second_metric: Literal["student_params", "student_macs"] | None = None
     second_mode: Literal["max", "min"] = "min"
@@ -210,6 +215,11 @@ def load_spec(path: str | Path) -> tuple[SweepSpec, dict]:
     data = base.setdefault("data", {})
     data["root"] = _resolve(data.get("root", "data"), cwd)
     spec.storage_path = _resolve(spec.storage_path, cwd)
+    if spec.objective.metric == "validation_accuracy" and not data.get("validation_images"):
+        raise ConfigError(
+            f"sweep spec {path}: objective validation_accuracy needs held-out training images; "
+            "set data.validation_images (e.g. 10000) in the base config or the overrides"
+        )
     validate_space(spec, base)
     return spec, base
 

@@ -26,6 +26,7 @@ from cdfkd.data.base import (
     list_datasets,
     load_dataset,
     register_dataset,
+    validation_split,
 )
 from cdfkd.data.mnist import SYSTEM_DATA_DIRS
 from cdfkd.errors import DatasetUnavailableError
@@ -46,4 +47,5 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "register_dataset",
+    "validation_split",
 ]

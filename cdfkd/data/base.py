@@ -186,6 +186,22 @@ def class_balanced_subset(dataset: Dataset, per_class: int, seed: int = 0) -> Su
     return Subset(dataset, sorted(np.concatenate(chosen).tolist()))
 
 
+def validation_split(dataset: Dataset, count: int, seed: int = 0) -> tuple[Subset, Subset]:
+    """(rest, validation): ``count`` samples of ``dataset`` drawn at random as a validation
+    split and the others. Deterministic in ``seed`` (one permutation, so the same ``count``
+    and seed give the same split whatever transform the dataset applies); indices sorted.
+    """
+    n = len(dataset)  # type: ignore[arg-type]  # map-style datasets are sized
+    if not 0 < count < n:
+        raise ValueError(
+            f"a validation split of {count} images needs 0 < count < {n} (the training split's size)"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return Subset(dataset, sorted(order[count:].tolist())), Subset(
+        dataset, sorted(order[:count].tolist())
+    )
+
+
 # ----------------------------------------------------------------------------- transforms
 
 
