@@ -346,8 +346,9 @@ def nonfinite_error(losses: dict[str, float], step: int, run_dir: RunDir) -> Non
 def evaluate(s: Session, final: bool) -> dict:
     """Accuracy on the test set (capped by ``train.max_eval_samples`` unless final), relative
     accuracy, ``validation_accuracy`` on the held-out training images (when
-    ``data.validation_images`` is set), the data-free proxy and ``selection_score`` on the synthetic validation set
-    (when there is one; the final evaluation adds every candidate as ``selection/<name>``).
+    ``data.validation_images`` is set), the data-free proxy and ``selection_score`` on the
+    synthetic validation set (when there is one; the final evaluation adds every candidate
+    as ``selection/<name>``).
 
     The test set only measures: nothing here chooses by it.
     """

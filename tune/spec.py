@@ -19,7 +19,7 @@ Example (tune/quickstart.yaml is a complete one)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -33,13 +33,10 @@ from cdfkd.selection import ValidationSetConfig
 #: ``selection_score`` needs no labelled data (the synthetic validation set);
 #: ``validation_accuracy`` is measured on training images held out by
 #: ``data.validation_images``, the other accuracies on the labelled test set
-OBJECTIVE_METRICS = (
-    "relative_accuracy",
-    "student_accuracy",
-    "validation_accuracy",
-    "proxy",
-    "selection_score",
-)
+ObjectiveMetric = Literal[
+    "relative_accuracy", "student_accuracy", "validation_accuracy", "proxy", "selection_score"
+]
+OBJECTIVE_METRICS: tuple[str, ...] = get_args(ObjectiveMetric)
 SECOND_METRICS = ("student_params", "student_macs")
 
 
@@ -75,7 +72,7 @@ class Param(Strict):
 
 
 class Objective(Strict):
-    metric: Literal[OBJECTIVE_METRICS] = "relative_accuracy"
+    metric: ObjectiveMetric = "relative_accuracy"
     mode: Literal["max", "min"] = "max"
     second_metric: Literal["student_params", "student_macs"] | None = None
     second_mode: Literal["max", "min"] = "min"
