@@ -9,6 +9,12 @@ with this:
 
 Prints one line per run: validation accuracy (mean-logit of the headers) and, beside it,
 the run's own test accuracy from result.json.
+
+This scores runs made *without* a held-out split, after the fact. New runs should set
+``data.validation_images`` instead, which reports ``validation_accuracy`` during training
+and keeps the images from ``kd_real`` too. The two draws differ: this one is
+``torch.randperm`` and that one is ``cdfkd.data.validation_split``. This one is kept as it
+is so that the ablation's recorded figures can be reproduced.
 """
 
 from __future__ import annotations
