@@ -167,7 +167,11 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: leave as is")
-    max_eval_samples: int | None = Field(None, ge=1, description="cap on test samples per eval")
+    max_eval_samples: int | None = Field(
+        None,
+        ge=1,
+        description="cap on test samples per evaluation during training (the last step's, the final one, is always whole)",
+    )
     pool: PoolConfig | None = Field(
         None, description="image pool of generator-based methods; None: the method's default"
     )

@@ -98,6 +98,8 @@ class Session:
     loop_seconds: float = 0.0
     validation: ValidationSet | None = None  # None: no selection_score (the folder has no set)
     validation_loader: torch.utils.data.DataLoader | None = None  # data.validation_images
+    #: the loop's evaluation of its last step, which is the final one: ``finish`` reuses it
+    final_metrics: dict | None = None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -275,7 +277,11 @@ def train_loop(
         if evaluate_now or checkpoint_now:
             tracker.raise_if_nonfinite(s.run_dir)
         if evaluate_now:
-            metrics = evaluate(s, final=False)
+            # The last step's evaluation is the final one (whole test set, every selection
+            # candidate): finish() reuses it instead of computing the same numbers again.
+            metrics = evaluate(s, final=step == total)
+            if step == total:
+                s.final_metrics = dict(metrics)
             metrics["steps_per_second"] = (step - s.started_at_step) / max(time.time() - t0, 1e-9)
             s.logger.log_metrics({**tracker.means(), **metrics}, step)
         if checkpoint_now:
@@ -385,7 +391,8 @@ def finish(s: Session) -> dict:
     """The final evaluation on the whole test set; result.json, student, samples, aggregation;
     the logger's final metrics, artifacts and model."""
     cfg, method, info, out = s.cfg, s.method, s.info, s.run_dir
-    final = evaluate(s, final=True)
+    # A run resumed at its last step has not evaluated it in this process.
+    final = s.final_metrics if s.final_metrics is not None else evaluate(s, final=True)
     ref = s.reference
     result = {
         "method": cfg.method.name,

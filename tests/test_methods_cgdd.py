@@ -207,6 +207,24 @@ def test_collapsed_generator_scores_zero_sample_diversity_and_cgdd_stays_diverse
     assert method.sample_diversity() > 0.05
 
 
+def test_sample_diversity_does_not_depend_on_how_its_images_are_chunked(trained_cgdd):
+    from cdfkd.metrics import within_class_diversity
+
+    method, _ = trained_cgdd
+    per_class = 32
+    assert method.info.num_classes * per_class > method.cfg.train.batch_size  # chunked
+    rng = torch.Generator().manual_seed(method.cfg.train.seed + 11)
+    y = torch.arange(method.info.num_classes).repeat_interleave(per_class)
+    z = torch.randn(len(y), method.cfg.generator.nz, generator=rng)
+    method.generator.eval()
+    with torch.no_grad():
+        out = method.teachers(method.generator(z, y), return_features=True)
+    method.generator.train()
+    whole = within_class_diversity(torch.cat(list(out.embedding), dim=1), y)
+    assert method.sample_diversity(per_class) == pytest.approx(whole, rel=1e-5)
+    assert method.generator.training
+
+
 def test_mode_seeking_term_keeps_the_generator_more_varied_than_the_papers_loss(
     trained_cgdd, teachers, digits
 ):

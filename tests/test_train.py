@@ -49,6 +49,34 @@ def test_resume_continues_bit_for_bit(digits_ensemble, tmp_path):
     assert resumed["proxy"] == whole["proxy"]
 
 
+def test_last_steps_evaluation_is_the_final_one_and_is_not_repeated(
+    digits_ensemble, tmp_path, monkeypatch
+):
+    import cdfkd.train as engine
+
+    calls, reported = [], {}
+    evaluate = engine.evaluate
+
+    def counting(s, final):
+        calls.append((s.method.step_count, final))
+        return evaluate(s, final)
+
+    monkeypatch.setattr(engine, "evaluate", counting)
+    cfg = build_config(_raw(digits_ensemble, tmp_path))
+    result = run(cfg, tmp_path / "r", on_eval=lambda step, m, _: reported.update({step: m}))
+    # Step 10 is capped like any evaluation in training; step 20 is the whole-test-set one,
+    # which the result reuses rather than computing the same numbers a second time.
+    assert calls == [(10, False), (20, True)]
+    assert reported[20]["student_accuracy"] == result["student_accuracy"]
+    assert reported[20]["proxy"] == result["proxy"]
+    # Resumed at its last step, a run has no evaluation of it in memory: finish makes one.
+    calls.clear()
+    again = run(cfg, tmp_path / "r", resume=True)
+    assert calls == [(20, True)]
+    assert again["student_accuracy"] == result["student_accuracy"]
+    assert again["proxy"] == result["proxy"]
+
+
 def test_result_json_and_sample_grid(digits_ensemble, tmp_path):
     result = run(build_config(_raw(digits_ensemble, tmp_path)), tmp_path / "r")
     saved = json.loads((tmp_path / "r" / "result.json").read_text())
