@@ -61,7 +61,10 @@ def measure(teachers: str, concurrency: int, trials: int, steps: int) -> dict:
         summary = run_sweep(spec, write=lambda _: None)
         wall = time.perf_counter() - t0
         ray.shutdown()
-    rows = [r for r in summary["rows"] if r["status"] == "COMPLETE"]
+    rows = summary["rows"]
+    if any(r["status"] != "COMPLETE" for r in rows):
+        # The split below (workers' first trials, later ones) reads rows by creation order.
+        raise SystemExit(f"not every trial completed: {[r['status'] for r in rows]}")
     trial_total = [float(r["time_total_s"]) for r in rows]
     loop = [float(r["loop_seconds"]) for r in rows]
     overhead = [1 - lp / tt for lp, tt in zip(loop, trial_total, strict=True)]

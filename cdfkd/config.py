@@ -170,7 +170,7 @@ class TrainConfig(_Strict):
     max_eval_samples: int | None = Field(
         None,
         ge=1,
-        description="cap on test samples per evaluation during training (the last step's, the final one, is always whole)",
+        description="cap on test (and validation) images per evaluation during training; the last step's, the final one, is always whole",
     )
     pool: PoolConfig | None = Field(
         None, description="image pool of generator-based methods; None: the method's default"

@@ -62,7 +62,7 @@ def test_last_steps_evaluation_is_the_final_one_and_is_not_repeated(
         return evaluate(s, final)
 
     monkeypatch.setattr(engine, "evaluate", counting)
-    cfg = build_config(_raw(digits_ensemble, tmp_path))
+    cfg = build_config(_raw(digits_ensemble, tmp_path, max_eval_samples=50))  # of 360
     result = run(cfg, tmp_path / "r", on_eval=lambda step, m, _: reported.update({step: m}))
     # Step 10 is capped like any evaluation in training; step 20 is the whole-test-set one,
     # which the result reuses rather than computing the same numbers a second time.
