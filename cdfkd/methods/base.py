@@ -483,8 +483,8 @@ class DistillMethod(abc.ABC):
         embeddings = []
         try:
             # In training-sized chunks (eval mode: per-image, so the value does not depend
-            # on the chunking, to rounding): one batch of classes x 32 images is about twice as slow on
-            # CPU, and this runs at the end of every sweep trial.
+            # on the chunking, to rounding): one batch of classes x 32 images is about
+            # twice as slow on CPU, and this runs at the end of every sweep trial.
             for zc, yc in zip(
                 z.split(self.cfg.train.batch_size), y.split(self.cfg.train.batch_size), strict=True
             ):
