@@ -388,8 +388,9 @@ def evaluate(s: Session, final: bool) -> dict:
 
 
 def finish(s: Session) -> dict:
-    """The final evaluation on the whole test set; result.json, student, samples, aggregation;
-    the logger's final metrics, artifacts and model."""
+    """The final evaluation on the whole test set (the loop's at the last step, else made
+    here); result.json, student, samples, aggregation; the logger's final metrics,
+    artifacts and model."""
     cfg, method, info, out = s.cfg, s.method, s.info, s.run_dir
     # A run resumed at its last step has not evaluated it in this process.
     final = s.final_metrics if s.final_metrics is not None else evaluate(s, final=True)
